@@ -1,0 +1,403 @@
+"""`EveForCausalLM`: patch embedding + splicing + the one decoder + LM head (+ aligning loss).
+
+Parameter names are the official ones (`model.embed_tokens`, `model.layers.N...`,
+`model.vision_tower...`, `model.mm_projector...`, `lm_head`), so released EVE checkpoints and plain
+Llama/Qwen2 LLM folders load without renaming.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from .aligning import PatchAligningLayer, Teacher, cosine_alignment_loss
+from .config import EveConfig
+from .decoder import Decoder, KVCache
+from .vision import PatchEmbeddingV1, PatchEmbeddingV2, VisionOutput, build_projector, crop_official_layout
+
+logger = logging.getLogger(__name__)
+
+
+class EveModel(Decoder):
+    """The decoder plus the vision modules, under the official `model.` prefix."""
+
+    def __init__(self, config: EveConfig) -> None:
+        super().__init__(config)
+        if config.version == "v1":
+            self.vision_tower: nn.Module = PatchEmbeddingV1(config)
+            self.mm_projector: nn.Module | None = build_projector(config)
+        else:
+            self.vision_tower = PatchEmbeddingV2(config)
+            self.mm_projector = None
+        self.vision_tower_compressor: PatchAligningLayer | None = None  # v1 training only
+
+    def encode_images(self, images: list[Tensor]) -> VisionOutput:
+        out = self.vision_tower(images)
+        if self.mm_projector is not None:
+            out.tokens = self.mm_projector(out.tokens)
+        return out
+
+
+@dataclass
+class Spliced:
+    """A batch after `<image>` placeholders were replaced by visual tokens."""
+
+    embeds: Tensor  # [B, L, D]
+    valid: Tensor  # [B, L] bool: real tokens
+    visual_mask: Tensor  # [B, L] bool
+    positions: Tensor  # [B, L] RoPE positions (restart per packed segment)
+    labels: Tensor | None  # [B, L]
+    segments: Tensor | None  # [B, L] packed-sample ids, only when packing
+    image_starts: Tensor  # [n_images] flat index (into B*L) of each image's CLS token
+
+
+@dataclass
+class EveOutput:
+    logits: Tensor | None = None
+    loss: Tensor | None = None  # lm_loss + aligning_loss_weight * aligning_loss
+    lm_loss: Tensor | None = None  # mean over supervised tokens of this batch
+    lm_loss_sum: Tensor | None = None  # sum over supervised tokens (for per-token accumulation)
+    num_label_tokens: int = 0
+    aligning_loss: Tensor | None = None
+    past_key_values: KVCache | None = None
+    valid: Tensor | None = None  # [B, L] spliced validity (for callers that continue generation)
+
+
+class EveForCausalLM(nn.Module):
+    """An encoder-free vision-language model (EVE v1 or v2) over a Llama- or Qwen2-family decoder."""
+
+    def __init__(self, config: EveConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = EveModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.teacher: Teacher | None = None  # frozen, never saved, never a registered submodule
+        self.aligning_loss_weight = 1.0
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def gradient_checkpointing_enable(self, enabled: bool = True) -> None:
+        self.model.gradient_checkpointing = enabled
+
+    # ------------------------------------------------------------------ aligning layer
+    def attach_aligning_layer(self, teacher: Teacher, weights: dict[str, Tensor] | None = None) -> None:
+        """Attach the v1 patch aligning layer (training only) supervised by a frozen teacher."""
+        if self.config.version != "v1":
+            raise ValueError("the patch aligning layer exists only for EVE v1")
+        layer = PatchAligningLayer(
+            self.config.hidden_size,
+            teacher.hidden_size,
+            self.config.num_hidden_layers,
+            self.config.aligning_layer_rate,
+            self.config.aligning_num_heads,
+        ).to(device=self.device, dtype=self.dtype)
+        if weights:
+            prefix = "model.vision_tower_compressor."
+            sub = {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in weights.items()}
+            layer.load_state_dict(sub, strict=True)
+        self.model.vision_tower_compressor = layer
+        # Plain attribute, not a submodule: the frozen teacher is never saved with the model.
+        object.__setattr__(self, "teacher", teacher)
+        self.config.teacher_hidden_size = teacher.hidden_size
+
+    def detach_aligning_layer(self) -> None:
+        self.model.vision_tower_compressor = None
+        object.__setattr__(self, "teacher", None)
+
+    # ------------------------------------------------------------------ splicing
+    def prepare_images(self, images: list[Tensor] | Tensor | None) -> list[Tensor]:
+        """Accept a list of [3, H, W] tensors, a [B, 3, H, W] batch, or official v1 [B, 4, S, S]."""
+        if images is None:
+            return []
+        if isinstance(images, Tensor):
+            if images.dim() == 3:
+                images = images[None]
+            if images.dim() != 4:
+                raise ValueError(f"images tensor must be [B, C, H, W], got shape {tuple(images.shape)}")
+            if images.shape[1] == 4:
+                return crop_official_layout(images, self.config.patch_stride)
+            images = list(images)
+        stride = self.config.token_stride
+        for i, img in enumerate(images):
+            if img.dim() != 3 or img.shape[0] != 3:
+                raise ValueError(f"image {i} must be a [3, H, W] tensor, got shape {tuple(img.shape)}")
+            if img.shape[1] % stride or img.shape[2] % stride or img.shape[1] == 0 or img.shape[2] == 0:
+                raise ValueError(
+                    f"image {i} has size {tuple(img.shape[1:])}: both sides must be positive multiples of "
+                    f"{stride} (use EveProcessor to prepare images)"
+                )
+        return list(images)
+
+    def splice(
+        self,
+        input_ids: Tensor,
+        vision: VisionOutput | None,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        segment_ids: Tensor | None = None,
+        padding_side: str = "right",
+    ) -> Spliced:
+        """Replace every IMAGE_TOKEN_INDEX by its image's tokens with tensor ops (no per-sample loop).
+
+        The caller's `input_ids` is never modified (the official v2 code writes 0 into it).
+        """
+        b, t = input_ids.shape
+        device = input_ids.device
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        is_img = (input_ids == IMAGE_TOKEN_INDEX) & valid
+        lengths = vision.lengths if vision is not None else []
+        n_img = int(is_img.sum())
+        if n_img != len(lengths):
+            per_row = is_img.sum(1).tolist()
+            raise ValueError(
+                f"input_ids hold {n_img} <image> placeholders (per sample: {per_row}) but {len(lengths)} "
+                "images were given"
+            )
+        span = valid.long()
+        lens = torch.tensor(lengths, dtype=torch.long, device=device)
+        if n_img:
+            span = span.masked_scatter(is_img, lens)
+        row_len = span.sum(1)
+        total = int(row_len.max()) if b else 0
+        start = span.cumsum(1) - span
+        if padding_side == "left":
+            start = start + (total - row_len)[:, None]
+        flat_start = start + torch.arange(b, device=device)[:, None] * total
+        text = valid & ~is_img
+
+        token_embeds = self.model.embed_tokens(input_ids.clamp(min=0))
+        d = token_embeds.shape[-1]
+        text_pos = flat_start[text]
+        embeds = token_embeds.new_zeros(b * total, d).index_put((text_pos,), token_embeds[text])
+        visual = torch.zeros(b * total, dtype=torch.bool, device=device)
+        out_valid = visual.clone()
+        out_valid[text_pos] = True
+        image_starts = flat_start[is_img]
+        if n_img:
+            offsets = torch.arange(int(lens.sum()), device=device) - torch.repeat_interleave(lens.cumsum(0) - lens, lens)
+            img_pos = torch.repeat_interleave(image_starts, lens) + offsets
+            embeds = embeds.index_put((img_pos,), vision.tokens.to(embeds.dtype))  # type: ignore[union-attr]
+            visual[img_pos] = True
+            out_valid[img_pos] = True
+        out_labels = None
+        if labels is not None:
+            out_labels = torch.full((b * total,), IGNORE_INDEX, dtype=torch.long, device=device)
+            out_labels[text_pos] = labels[text]
+            out_labels = out_labels.view(b, total)
+        segments = out_valid.long()
+        if segment_ids is not None:
+            segments = torch.zeros(b * total, dtype=torch.long, device=device)
+            segments[text_pos] = segment_ids[text].long()
+            if n_img:
+                segments[img_pos] = torch.repeat_interleave(segment_ids[is_img].long(), lens)
+        segments = segments.view(b, total)
+        positions = _positions_within_segments(segments)
+        return Spliced(
+            embeds=embeds.view(b, total, d),
+            valid=out_valid.view(b, total),
+            visual_mask=visual.view(b, total),
+            positions=positions,
+            labels=out_labels,
+            segments=segments if segment_ids is not None else None,
+            image_starts=image_starts,
+        )
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: Tensor,
+        images: list[Tensor] | Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        segment_ids: Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+        teacher_pixels: Tensor | None = None,
+        teacher_masks: Tensor | None = None,
+        padding_side: str = "right",
+        return_logits: bool = True,
+        logits_to_keep: int = 0,
+    ) -> EveOutput:
+        """Logits and losses for a batch of text with `<image>` placeholders.
+
+        `images` holds one tensor per placeholder, in row-major placeholder order. `segment_ids`
+        marks packed samples (attention and positions stay inside each). With `use_cache` or a
+        `past_key_values`, the returned cache continues generation (`logits_to_keep=1` for a prefill).
+        """
+        pixel_list = self.prepare_images(images)
+        vision = self.model.encode_images(pixel_list) if pixel_list else None
+        sp = self.splice(input_ids, vision, attention_mask, labels, segment_ids, padding_side)
+        cache = past_key_values
+        positions = sp.positions
+        if cache is not None and cache.next_position is not None:
+            positions = cache.next_position[:, None] + sp.valid.long().cumsum(1) - 1
+        elif use_cache:
+            cache = KVCache()
+        aligner = self.model.vision_tower_compressor
+        want_align = (
+            aligner is not None
+            and self.training
+            and self.teacher is not None
+            and teacher_pixels is not None
+            and vision is not None
+        )
+        collect = frozenset(aligner.layer_idx) if want_align else frozenset()  # type: ignore[union-attr]
+        hidden, kept = self.model.run_layers(
+            sp.embeds,
+            positions,
+            sp.valid,
+            visual_mask=sp.visual_mask if self.config.modality_experts else None,
+            segment_ids=sp.segments,
+            cache=cache,
+            collect=collect,
+        )
+        if cache is not None:
+            last = positions.masked_fill(~sp.valid, -1).amax(dim=1)
+            cache.next_position = last + 1
+
+        out = EveOutput(past_key_values=cache, valid=sp.valid)
+        if return_logits:
+            h = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+            out.logits = self.lm_head(h)
+        if sp.labels is not None:
+            self._lm_loss(out, hidden, sp)
+        if want_align:
+            out.aligning_loss = self._aligning_loss(kept, sp, vision, teacher_pixels, teacher_masks)  # type: ignore[arg-type]
+            out.loss = out.aligning_loss * self.aligning_loss_weight + (out.lm_loss if out.lm_loss is not None else 0)
+        return out
+
+    def _lm_loss(self, out: EveOutput, hidden: Tensor, sp: Spliced) -> None:
+        targets = sp.labels[:, 1:]  # type: ignore[index]
+        if sp.segments is not None:  # never predict across packed samples
+            targets = targets.masked_fill(sp.segments[:, 1:] != sp.segments[:, :-1], IGNORE_INDEX)
+        selected = targets != IGNORE_INDEX
+        n = int(selected.sum())
+        if out.logits is not None and out.logits.shape[1] == hidden.shape[1]:
+            logits = out.logits[:, :-1][selected]
+        else:
+            logits = self.lm_head(hidden[:, :-1][selected])
+        loss_sum = F.cross_entropy(logits.float(), targets[selected], reduction="sum")
+        out.lm_loss_sum = loss_sum
+        out.num_label_tokens = n
+        out.lm_loss = loss_sum / max(n, 1)
+        out.loss = out.lm_loss
+
+    def _aligning_loss(
+        self,
+        kept: dict[int, Tensor],
+        sp: Spliced,
+        vision: VisionOutput,
+        teacher_pixels: Tensor,
+        teacher_masks: Tensor | None,
+    ) -> Tensor:
+        aligner = self.model.vision_tower_compressor
+        assert aligner is not None and self.teacher is not None
+        device = sp.embeds.device
+        with torch.no_grad():
+            target_grid = self.teacher(teacher_pixels.to(device))  # [N, g, g, C]
+        if teacher_masks is None:
+            teacher_masks = torch.ones(target_grid.shape[:3], dtype=torch.bool, device=device)
+        teacher_masks = teacher_masks.to(device).bool()
+        targets = target_grid[teacher_masks]  # [T, C], row-major per image, images in order
+
+        grids = torch.tensor(vision.grids, dtype=torch.long, device=device)  # [N, 2]
+        n_img = grids.shape[0]
+        band_h = teacher_masks.any(dim=2).sum(1)
+        band_w = teacher_masks.any(dim=1).sum(1)
+        ratio = grids[:, 0] // band_h.clamp(min=1)
+        if not bool(((ratio * band_h == grids[:, 0]) & (ratio * band_w == grids[:, 1])).all()):
+            raise ValueError(
+                f"student token grids {vision.grids} do not match the teacher's valid regions "
+                f"{list(zip(band_h.tolist(), band_w.tolist(), strict=True))} by an integer ratio"
+            )
+        h, w = grids[:, 0], grids[:, 1]
+        hw = h * w
+        img_id = torch.repeat_interleave(torch.arange(n_img, device=device), hw)
+        m = torch.arange(int(hw.sum()), device=device) - torch.repeat_interleave(hw.cumsum(0) - hw, hw)
+        wt = w[img_id]
+        row, col = m // wt, m % wt
+        pos = sp.image_starts[img_id] + 1 + row * (wt + 1) + col  # skip CLS and SPLIT tokens
+        d = sp.embeds.shape[-1]
+        feats = torch.stack([kept[i].reshape(-1, d)[pos] for i in aligner.layer_idx], dim=1)  # [P, J, D]
+        r = ratio[img_id]
+        pooled_w = w // ratio
+        pooled_count = (h // ratio) * pooled_w
+        pooled_index = (pooled_count.cumsum(0) - pooled_count)[img_id] + (row // r) * pooled_w[img_id] + col // r
+        if bool((ratio > 1).any()):
+            pooled = feats.new_zeros(int(pooled_count.sum()), *feats.shape[1:]).index_add(0, pooled_index, feats)
+            pooled = pooled / (ratio.repeat_interleave(pooled_count) ** 2)[:, None, None].to(feats.dtype)
+            token_image = torch.repeat_interleave(torch.arange(n_img, device=device), pooled_count)
+        else:
+            pooled, token_image = feats, img_id
+        if pooled.shape[0] != targets.shape[0]:
+            raise ValueError(f"{pooled.shape[0]} student patches vs {targets.shape[0]} teacher patches")
+        pred = aligner(pooled)
+        return cosine_alignment_loss(pred, targets.to(pred.dtype), token_image, n_img)
+
+    # ------------------------------------------------------------------ v2 expert initialisation
+    @torch.no_grad()
+    def init_vision_experts_from_text(self) -> int:
+        """Copy every text weight into its `moe_` vision copy (EVEv2 stage 0 -> 1); returns the count."""
+        if not self.config.modality_experts:
+            raise ValueError("this model has no modality-specific (vision) copies")
+        params = dict(self.named_parameters())
+        copied = 0
+        for name, p in params.items():
+            if "moe_" in name:
+                p.copy_(params[name.replace("moe_", "")])
+                copied += 1
+        return copied
+
+    # ------------------------------------------------------------------ checkpoints
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        keep_training_weights: bool = False,
+    ) -> EveForCausalLM:
+        from .checkpoint import load_model
+
+        return load_model(cls, path, dtype=dtype, device=device, keep_training_weights=keep_training_weights)
+
+    def save_pretrained(self, path: str | Path, *, include_aligning_layer: bool = True) -> None:
+        from .checkpoint import save_model
+
+        save_model(self, path, include_aligning_layer=include_aligning_layer)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        seen: set[int] = set()
+        total = 0
+        for p in self.parameters():
+            if id(p) in seen or (trainable_only and not p.requires_grad):
+                continue
+            seen.add(id(p))
+            total += p.numel()
+        return total
+
+
+def _positions_within_segments(segments: Tensor) -> Tensor:
+    """0, 1, 2, ... restarting wherever the segment id changes along each row."""
+    b, n = segments.shape
+    idx = torch.arange(n, device=segments.device).expand(b, n)
+    change = torch.ones_like(segments, dtype=torch.bool)
+    change[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    starts = torch.where(change, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - starts
