@@ -132,6 +132,7 @@ class EveForCausalLM(nn.Module):
             if images.shape[1] == 4:
                 return crop_official_layout(images, self.config.patch_stride)
             images = list(images)
+        images = [crop_official_layout(img[None], self.config.patch_stride)[0] if img.dim() == 3 and img.shape[0] == 4 else img for img in images]
         stride = self.config.token_stride
         for i, img in enumerate(images):
             if img.dim() != 3 or img.shape[0] != 3:
