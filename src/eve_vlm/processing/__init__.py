@@ -1,0 +1,71 @@
+"""Processing layer: image loading / preprocessing, chat templates, tokenisation, EveProcessor."""
+
+from .images import (
+    CLIP_MEAN,
+    CLIP_STD,
+    EveImageConfig,
+    EveImageProcessor,
+    ImageError,
+    band_geometry,
+    load_image,
+    num_image_tokens,
+    num_image_tokens_for_size,
+    pixel_size,
+    v1_official_layout,
+    v1_pixels,
+    v1_teacher_layout,
+    v2_output_size,
+    v2_pixels,
+)
+from .presets import preset_for, preset_names, resolve_image_config
+from .processor import EveProcessor
+from .templates import (
+    TEMPLATES,
+    ChatTemplate,
+    ConversationError,
+    Message,
+    default_template_for,
+    get_template,
+    normalize_messages,
+)
+from .tokenization import (
+    encode_caption,
+    encode_conversation,
+    encode_prompt,
+    tokenize_with_images,
+    tokenizer_adds_bos,
+)
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "TEMPLATES",
+    "ChatTemplate",
+    "ConversationError",
+    "EveImageConfig",
+    "EveImageProcessor",
+    "EveProcessor",
+    "ImageError",
+    "Message",
+    "band_geometry",
+    "default_template_for",
+    "encode_caption",
+    "encode_conversation",
+    "encode_prompt",
+    "get_template",
+    "load_image",
+    "normalize_messages",
+    "num_image_tokens",
+    "num_image_tokens_for_size",
+    "pixel_size",
+    "preset_for",
+    "preset_names",
+    "resolve_image_config",
+    "tokenize_with_images",
+    "tokenizer_adds_bos",
+    "v1_official_layout",
+    "v1_pixels",
+    "v1_teacher_layout",
+    "v2_output_size",
+    "v2_pixels",
+]
