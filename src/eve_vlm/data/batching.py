@@ -1,0 +1,313 @@
+"""Batches in the model's format: right padding, length grouping, and sequence packing.
+
+Visual token counts vary from a handful to thousands per image, so padding every row to the
+longest sample wastes most of the compute (spec §9.20). Two remedies live here: length-grouped
+batching (similar lengths share a batch, as the official ``group_by_modality_length``) and packing
+(several samples per row, kept apart by ``segment_ids``). :func:`padding_waste` measures both.
+
+Batch format (what the model consumes)::
+
+    input_ids      LongTensor [B, T]  text ids, IMAGE_TOKEN_INDEX per image, right-padded with pad id
+    labels         LongTensor [B, T]  IGNORE_INDEX on padding
+    attention_mask LongTensor [B, T]  1 = real token
+    segment_ids    LongTensor [B, T]  packed batches only: 1, 2, ... per sample in a row, 0 = pad
+    images         list[Tensor[3,H,W]] in placeholder order (row-major, then left to right)
+    teacher_pixels [N, 3, S, S], teacher_masks [N, g, g]  only when examples carry teacher inputs
+
+The first label of every sample is set to IGNORE_INDEX: a causal loss can never predict it from
+inside its own sample, and in a packed row it would otherwise be "predicted" from the previous
+sample's last token. Padded and packed batches therefore carry exactly the same supervision.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
+
+from ..constants import IGNORE_INDEX
+from .dataset import Example
+
+# --------------------------------------------------------------------------------------------
+# collators
+
+
+def _sample_labels(ex: Example) -> Tensor:
+    labels = ex.labels.clone()
+    if labels.numel():
+        labels[0] = IGNORE_INDEX
+    return labels
+
+
+def _images_and_teacher(examples: Sequence[Example]) -> dict[str, object]:
+    out: dict[str, object] = {"images": [im for ex in examples for im in ex.images]}
+    with_teacher = [ex.teacher_pixels is not None for ex in examples if ex.images]
+    if any(with_teacher):
+        if not all(with_teacher):
+            raise ValueError("some examples carry teacher inputs and some do not: use one teacher_fn")
+        pixels = [p for ex in examples for p in (ex.teacher_pixels or [])]
+        masks = [m for ex in examples for m in (ex.teacher_masks or [])]
+        out["teacher_pixels"] = torch.stack(pixels)
+        out["teacher_masks"] = torch.stack(masks)
+    return out
+
+
+def _round_up(n: int, multiple: int | None) -> int:
+    return n if not multiple else -(-n // multiple) * multiple
+
+
+def _pad_rows(ids: list[Tensor], labels: list[Tensor], pad_id: int, multiple: int | None
+              ) -> dict[str, Tensor]:
+    T = _round_up(max(int(t.numel()) for t in ids), multiple)
+    ids_b = pad_sequence(ids, batch_first=True, padding_value=pad_id)
+    lab_b = pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX)
+    lengths = torch.tensor([t.numel() for t in ids])
+    if ids_b.shape[1] < T:
+        extra = T - ids_b.shape[1]
+        ids_b = torch.nn.functional.pad(ids_b, (0, extra), value=pad_id)
+        lab_b = torch.nn.functional.pad(lab_b, (0, extra), value=IGNORE_INDEX)
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).long()
+    return {"input_ids": ids_b, "labels": lab_b, "attention_mask": mask}
+
+
+def collate_padded(examples: Sequence[Example], pad_id: int, pad_to_multiple_of: int | None = None
+                   ) -> dict[str, object]:
+    """One example per row, right-padded to the longest text (the model pads after splicing)."""
+    if not examples:
+        raise ValueError("cannot collate an empty batch")
+    batch: dict[str, object] = dict(_pad_rows([ex.input_ids for ex in examples],
+                                              [_sample_labels(ex) for ex in examples],
+                                              pad_id, pad_to_multiple_of))
+    batch.update(_images_and_teacher(examples))
+    return batch
+
+
+def collate_packed(rows: Sequence[Sequence[Example]], pad_id: int, pad_to_multiple_of: int | None = None
+                   ) -> dict[str, object]:
+    """Several examples per row, concatenated, with ``segment_ids`` 1..k per row and 0 on padding."""
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("cannot collate an empty row")
+    ids = [torch.cat([ex.input_ids for ex in row]) for row in rows]
+    labels = [torch.cat([_sample_labels(ex) for ex in row]) for row in rows]
+    segs = [torch.repeat_interleave(torch.arange(1, len(row) + 1),
+                                    torch.tensor([ex.input_ids.numel() for ex in row]))
+            for row in rows]
+    batch: dict[str, object] = dict(_pad_rows(ids, labels, pad_id, pad_to_multiple_of))
+    T = batch["input_ids"].shape[1]  # type: ignore[union-attr]
+    seg_b = pad_sequence(segs, batch_first=True, padding_value=0)
+    batch["segment_ids"] = torch.nn.functional.pad(seg_b, (0, T - seg_b.shape[1]), value=0)
+    batch.update(_images_and_teacher([ex for row in rows for ex in row]))
+    return batch
+
+
+def padding_waste(batch_lengths: Sequence[int], row_length: int | None = None) -> float:
+    """Fraction of compute slots that are padding: rows of the given (spliced) lengths padded to
+    ``row_length`` (default: the longest row)."""
+    if len(batch_lengths) == 0:
+        return 0.0
+    lengths = torch.as_tensor(list(batch_lengths), dtype=torch.float64)
+    row = float(lengths.max()) if row_length is None else float(row_length)
+    if row <= 0:
+        return 0.0
+    if float(lengths.max()) > row:
+        raise ValueError(f"a row of length {int(lengths.max())} exceeds row_length {row_length}")
+    return float(1.0 - lengths.sum() / (row * lengths.numel()))
+
+
+# --------------------------------------------------------------------------------------------
+# packing
+
+
+def pack_lengths(lengths: Sequence[int], max_length: int) -> list[list[int]]:
+    """First-fit-decreasing bin packing: indices grouped into bins of total length <= max_length.
+
+    Bins come out in creation order (longest item first); inside a bin, indices keep the order in
+    which FFD placed them (decreasing length).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    bins: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        n = lengths[i]
+        if n > max_length:
+            raise ValueError(f"sample {i} has {n} spliced tokens > max_length {max_length}; truncate first")
+        for b, room in enumerate(free):
+            if n <= room:
+                bins[b].append(i)
+                free[b] -= n
+                break
+        else:
+            bins.append([i])
+            free.append(max_length - n)
+    return bins
+
+
+def pack_examples(examples: Sequence[Example], max_length: int) -> list[list[Example]]:
+    """Group examples into rows of at most ``max_length`` spliced tokens (FFD)."""
+    bins = pack_lengths([ex.spliced_length for ex in examples], max_length)
+    return [[examples[i] for i in b] for b in bins]
+
+
+@dataclass
+class StreamingPacker:
+    """Pack a stream: buffer ``buffer_size`` examples, FFD them, emit the rows, repeat."""
+
+    max_length: int
+    buffer_size: int = 256
+
+    def __call__(self, examples: Iterable[Example]) -> Iterator[list[Example]]:
+        buf: list[Example] = []
+        for ex in examples:
+            buf.append(ex)
+            if len(buf) >= self.buffer_size:
+                yield from pack_examples(buf, self.max_length)
+                buf = []
+        if buf:
+            yield from pack_examples(buf, self.max_length)
+
+
+# --------------------------------------------------------------------------------------------
+# length grouping
+
+
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, megabatch_size: int | None = None,
+                           seed: int = 0, modalities: Sequence[bool] | None = None,
+                           drop_last: bool = False) -> list[list[int]]:
+    """Index batches of similar length (for map-style data with precomputed lengths).
+
+    Shuffle, cut into megabatches, sort each by length (longest first), cut into batches, shuffle
+    the batches. With ``modalities`` (True = has an image), image and text-only samples never share
+    a batch (the official ``group_by_modality_length``). Deterministic for a given seed.
+    """
+    rng = random.Random(seed)
+    mega = megabatch_size or batch_size * 32
+    groups = [list(range(len(lengths)))]
+    if modalities is not None:
+        groups = [[i for i, m in enumerate(modalities) if m], [i for i, m in enumerate(modalities) if not m]]
+    batches: list[list[int]] = []
+    for group in groups:
+        rng.shuffle(group)
+        for s in range(0, len(group), mega):
+            chunk = sorted(group[s:s + mega], key=lambda i: -lengths[i])
+            batches.extend(chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size))
+    if drop_last:
+        batches = [b for b in batches if len(b) == batch_size]
+    rng.shuffle(batches)
+    return batches
+
+
+@dataclass
+class LengthGroupedBatcher:
+    """Streaming length grouping: per-modality buffers of ``megabatch_size`` examples are sorted
+    by spliced length, cut into batches, and the batches are emitted in a seeded random order."""
+
+    batch_size: int
+    megabatch_size: int | None = None
+    by_modality: bool = True
+    seed: int = 0
+    drop_last: bool = False
+
+    def __call__(self, examples: Iterable[Example]) -> Iterator[list[Example]]:
+        rng = random.Random(self.seed)
+        mega = self.megabatch_size or self.batch_size * 32
+        buffers: dict[bool, list[Example]] = {True: [], False: []}
+        for ex in examples:
+            key = ex.has_image if self.by_modality else True
+            buffers[key].append(ex)
+            if len(buffers[key]) >= mega:
+                yield from self._flush(buffers[key], rng)
+                buffers[key] = []
+        for buf in buffers.values():
+            if buf:
+                yield from self._flush(buf, rng)
+
+    def _flush(self, buf: list[Example], rng: random.Random) -> Iterator[list[Example]]:
+        buf = sorted(buf, key=lambda ex: -ex.spliced_length)
+        batches = [buf[k:k + self.batch_size] for k in range(0, len(buf), self.batch_size)]
+        if self.drop_last:
+            batches = [b for b in batches if len(b) == self.batch_size]
+        rng.shuffle(batches)
+        yield from batches
+
+
+# --------------------------------------------------------------------------------------------
+# one entry point
+
+
+@dataclass
+class BatchConfig:
+    """How examples become batches. ``pack``: rows of several samples (``batch_size`` rows)."""
+
+    batch_size: int = 8
+    pad_id: int = 0
+    pack: bool = False
+    max_length: int = 2048  # row budget in spliced tokens when packing
+    pack_buffer: int = 256
+    group_by_length: bool = False
+    group_by_modality: bool = True
+    megabatch_size: int | None = None
+    pad_to_multiple_of: int | None = None
+    seed: int = 0
+    drop_last: bool = False
+
+
+def iter_batches(examples: Iterable[Example], config: BatchConfig) -> Iterator[dict[str, object]]:
+    """Turn an example stream into model batches (padded, length-grouped, or packed)."""
+    c = config
+    if c.pack:
+        rows: list[list[Example]] = []
+        for row in StreamingPacker(c.max_length, c.pack_buffer)(examples):
+            rows.append(row)
+            if len(rows) == c.batch_size:
+                yield collate_packed(rows, c.pad_id, c.pad_to_multiple_of)
+                rows = []
+        if rows and not c.drop_last:
+            yield collate_packed(rows, c.pad_id, c.pad_to_multiple_of)
+        return
+    if c.group_by_length:
+        groups: Iterable[list[Example]] = LengthGroupedBatcher(
+            c.batch_size, c.megabatch_size, c.group_by_modality, c.seed, c.drop_last)(examples)
+    else:
+        groups = _chunks(examples, c.batch_size, c.drop_last)
+    for group in groups:
+        yield collate_padded(group, c.pad_id, c.pad_to_multiple_of)
+
+
+class EveBatches(torch.utils.data.IterableDataset):
+    """Batches built inside dataloader workers: ``DataLoader(EveBatches(ds, cfg), batch_size=None)``.
+
+    Each worker encodes, groups / packs and collates its own split, so the main process only
+    receives finished batch dicts.
+    """
+
+    def __init__(self, dataset: Iterable[Example], config: BatchConfig):
+        super().__init__()
+        self.dataset = dataset
+        self.config = config
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.dataset.set_epoch(epoch)  # type: ignore[attr-defined]
+
+    def set_position(self, position: int) -> None:
+        self.dataset.set_position(position)  # type: ignore[attr-defined]
+
+    def __iter__(self) -> Iterator[dict[str, object]]:
+        config = replace(self.config, seed=self.config.seed * 1_000_003 + self.epoch)
+        return iter_batches(iter(self.dataset), config)
+
+
+def _chunks(items: Iterable[Example], n: int, drop_last: bool) -> Iterator[list[Example]]:
+    buf: list[Example] = []
+    for it in items:
+        buf.append(it)
+        if len(buf) == n:
+            yield buf
+            buf = []
+    if buf and not drop_last:
+        yield buf
