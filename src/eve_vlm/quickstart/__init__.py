@@ -1,0 +1,1 @@
+"""Offline quickstart: real small weights and data that install from package registries."""
