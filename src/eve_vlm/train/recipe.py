@@ -1,0 +1,169 @@
+"""Training recipes: one YAML file per stage, parsed into dataclasses (unknown keys are errors)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Parameter groups a recipe can train, by name.
+#   vision  : patch embedding (+ v1 projector)      official: `vision_tower`, `mm_projector`
+#   aligner : v1 patch aligning layer (training only)  official: `vision_tower_compressor`
+#   experts : v2 modality-specific copies              official: `moe_*`
+#   llm     : the decoder's text weights, embeddings, final norm and lm_head
+PARAM_GROUPS = ("vision", "aligner", "experts", "llm")
+
+
+class RecipeError(ValueError):
+    """A recipe file or override that does not describe a valid stage."""
+
+
+@dataclass
+class ModelSpec:
+    init: str | None = None  # checkpoint folder (ours or official), or a Llama/Qwen2 folder with convert
+    convert_from_llm: bool = False  # init is a plain LLM folder: convert it into a fresh EVE model
+    version: str = "v2"
+    tiny: bool = False  # build a tiny random model (tests / demos) when init is empty
+    vision_hidden_size: int = 1024
+    resolution: int | None = None  # v1 image_size / v2 max_size
+    template: str | None = None
+    init_vision_experts_from_text: bool = False  # EVEv2 stage 0 -> 1 copy, before training
+    extra: dict[str, Any] = field(default_factory=dict)  # EveConfig overrides (tiny / conversion)
+
+
+@dataclass
+class DataSpec:
+    path: str | None = None  # JSON / JSONL manifest or tar shards; empty: generated data (tiny recipes)
+    image_root: str | None = None
+    kind: str = "caption"  # generated data kind when path is empty: caption | conversation
+    max_length: int = 2048
+    pack: bool = False
+    group_by_length: bool = False
+    max_broken_fraction: float = 0.05
+    shuffle: bool = True
+    template: str | None = None  # conversation template (default: the processor's)
+    num_workers: int = 0
+    generated_samples: int = 256
+
+
+@dataclass
+class TeacherSpec:
+    kind: str = "none"  # none | clip | efficientnet | random_clip (tiny random ViT, tests)
+    path: str | None = None  # CLIPVisionModel folder for kind=clip
+    select_layer: int = -2
+    image_size: int | None = None  # efficientnet input side
+    loss_weight: float = 1.0
+
+
+@dataclass
+class OptimSpec:
+    lr: float = 1e-4
+    group_lr: dict[str, float] = field(default_factory=dict)  # per parameter group
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_ratio: float = 0.03
+    schedule: str = "cosine"  # cosine | constant
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class Recipe:
+    name: str = "stage"
+    stage: str = ""
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    teacher: TeacherSpec = field(default_factory=TeacherSpec)
+    optim: OptimSpec = field(default_factory=OptimSpec)
+    trainable: list[str] = field(default_factory=lambda: list(PARAM_GROUPS))
+    global_batch_size: int = 8
+    micro_batch_size: int = 8
+    max_steps: int | None = None  # default: one epoch of the data
+    epochs: float = 1.0
+    gradient_checkpointing: bool = False
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    distributed: str = "ddp"  # ddp | fsdp (used when launched with torchrun / accelerate launch)
+    output_dir: str = "runs/stage"
+    save_every: int = 0  # steps between periodic checkpoints (0: only final)
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    seed: int = 0
+    device: str = "auto"
+    save_aligning_layer: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = [g for g in self.trainable if g not in PARAM_GROUPS]
+        if unknown:
+            raise RecipeError(f"unknown trainable groups {unknown}; known: {list(PARAM_GROUPS)}")
+        bad_lr = [g for g in self.optim.group_lr if g not in PARAM_GROUPS]
+        if bad_lr:
+            raise RecipeError(f"optim.group_lr names unknown groups {bad_lr}")
+        if self.global_batch_size % self.micro_batch_size:
+            raise RecipeError(
+                f"global_batch_size={self.global_batch_size} is not a multiple of micro_batch_size={self.micro_batch_size}"
+            )
+        if self.teacher.kind not in ("none", "clip", "efficientnet", "random_clip"):
+            raise RecipeError(f"unknown teacher kind {self.teacher.kind!r}")
+        if self.distributed not in ("ddp", "fsdp"):
+            raise RecipeError(f"distributed must be 'ddp' or 'fsdp', got {self.distributed!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise RecipeError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Recipe:
+        return _build(cls, data, "")
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: list[str] | None = None) -> Recipe:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise RecipeError(f"{path}: a recipe must be a mapping")
+        for item in overrides or []:
+            apply_override(data, item)
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """`a.b.c=value` (value parsed as YAML) into a nested dict."""
+    if "=" not in item:
+        raise RecipeError(f"override {item!r} must look like key=value")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else None
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"override {item!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def _build(cls: type, data: dict[str, Any], where: str):
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where or 'recipe'} must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise RecipeError(f"unknown recipe keys in {where or 'recipe'}: {unknown} (known: {sorted(fields)})")
+    kwargs = {}
+    for name, value in data.items():
+        sub = {"model": ModelSpec, "data": DataSpec, "teacher": TeacherSpec, "optim": OptimSpec}.get(name) if cls is Recipe else None
+        if sub is not None:
+            kwargs[name] = _build(sub, value or {}, name)
+        elif name == "betas":
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise RecipeError(f"{where or 'recipe'}: {exc}") from exc
