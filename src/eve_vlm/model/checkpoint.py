@@ -219,6 +219,10 @@ def convert_llm(
     torch.manual_seed(seed)
     model = EveForCausalLM(config)
     llm_state = {k: v for k, v in read_state_dict(llm_folder).items() if not k.endswith(IGNORED_SUFFIXES)}
+    dropped = [k for k in llm_state if k.startswith("model.layers.") and int(k.split(".")[2]) >= config.num_hidden_layers]
+    if dropped:  # a shallower decoder keeps the LLM's first layers (explicit num_hidden_layers override)
+        logger.info("keeping the first %d decoder layers of %s", config.num_hidden_layers, llm_folder)
+        llm_state = {k: v for k, v in llm_state.items() if k not in set(dropped)}
     if config.tie_word_embeddings:
         llm_state.pop("lm_head.weight", None)
     result = model.load_state_dict(llm_state, strict=False)
