@@ -27,7 +27,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..data import BatchConfig, DataConfig, EveDataset, ReaderConfig, iter_batches, open_records
+from ..data import (
+    BatchConfig,
+    DataConfig,
+    EveDataset,
+    JsonRecords,
+    ReaderConfig,
+    Record,
+    RecordSource,
+    Split,
+    iter_batches,
+    open_records,
+)
 from ..data.dataset import teacher_fn_from_processor
 from ..model import EveForCausalLM
 from ..model.checkpoint import atomic_folder
@@ -149,8 +160,11 @@ def build_model_and_processor(recipe: Recipe) -> tuple[EveForCausalLM, Any]:
         from .tiny import make_tiny_checkpoint
 
         folder = Path(recipe.output_dir) / "init-tiny"
-        if not (folder / "config.json").is_file():
+        main = not dist.is_initialized() or dist.get_rank() == 0
+        if main and not (folder / "config.json").is_file():
             make_tiny_checkpoint(folder, spec.version, seed=recipe.seed, **spec.extra)
+        if dist.is_initialized():  # other ranks must not read a half-written folder
+            dist.barrier()
         model = EveForCausalLM.from_pretrained(folder)
         processor = EveProcessor.from_pretrained(folder, template=spec.template)
         return model, processor
@@ -204,6 +218,29 @@ def count_records(path: str) -> int | None:
     return None
 
 
+class GlobalOrderRecords(RecordSource):
+    """Every rank reads the same globally shuffled stream and keeps every n-th record.
+
+    A JSONL reader splits first and shuffles each split with its own buffer, so the records of a
+    global batch would depend on the world size. Here rank r of n keeps records r, r+n, ... of the
+    one-process order: global step k trains on the same records on 1 or n processes (only lines
+    are parsed twice; images are decoded by the rank that keeps them).
+    """
+
+    def __init__(self, inner: RecordSource) -> None:
+        self.inner = inner
+
+    def iter(self, epoch: int = 0, split: Split = Split(), position: int = 0) -> Iterator[Record]:
+        skip = split.skip_for(position)
+        mine = 0
+        for i, record in enumerate(self.inner.iter(epoch, Split(), 0)):
+            if i % split.count != split.index:
+                continue
+            if mine >= skip:
+                yield record
+            mine += 1
+
+
 class MicroBatches:
     """Endless, deterministic stream of micro-batches (epoch after epoch); position = batches taken."""
 
@@ -213,6 +250,8 @@ class MicroBatches:
         self.epoch = 0
         self.taken = 0
         self._it: Iterator[dict[str, Any]] | None = None
+        self._skipped: dict[str, int] = {}  # skip counts of finished epochs
+        self._seen = 0
 
     def _start_epoch(self) -> None:
         self.dataset.set_epoch(self.epoch)
@@ -229,9 +268,28 @@ class MicroBatches:
                 self.taken += 1
                 return batch
             except StopIteration:
+                self._add_epoch_stats()
                 self.epoch += 1
                 self._it = None
         raise RuntimeError("the training data produced no batch (every record was skipped or the data is empty)")
+
+    def _add_epoch_stats(self) -> None:
+        stats = self.dataset.stats
+        for reason, n in stats.counts.items():
+            self._skipped[reason] = self._skipped.get(reason, 0) + n
+        self._seen += stats.total_seen
+
+    def skip_counts(self) -> tuple[dict[str, int], int]:
+        """Skipped records by reason and records read, over every epoch so far (this process).
+
+        The dataset's own stats restart with each pass; a run's report must cover all of them.
+        """
+        counts = dict(self._skipped)
+        if self._it is not None:  # the pass in progress
+            for reason, n in self.dataset.stats.counts.items():
+                counts[reason] = counts.get(reason, 0) + n
+            return counts, self._seen + self.dataset.stats.total_seen
+        return counts, self._seen
 
     def skip(self, n: int) -> None:
         """Replay n micro-batches (exact resume: same shuffles, same packing)."""
@@ -300,6 +358,9 @@ class Trainer:
         self.teacher = build_teacher(recipe)
         if self.teacher is not None:
             pending = getattr(model, "_pending_aligning_weights", None)
+            current = model.model.vision_tower_compressor
+            if pending is None and current is not None:  # continue the aligning layer of an earlier stage
+                pending = {k: v.detach().clone() for k, v in current.state_dict().items()}
             model.attach_aligning_layer(self.teacher, pending)
             self.teacher.to(self.device)
             model.aligning_loss_weight = recipe.teacher.loss_weight
@@ -330,6 +391,8 @@ class Trainer:
                 processor, teacher_size=t.image_size, teacher_patch=t.patch_size, mean=t.image_mean, std=t.image_std
             )
         source = open_records(path, ReaderConfig(seed=recipe.seed, shuffle=recipe.data.shuffle, image_root=image_root))
+        if isinstance(source, JsonRecords) and source.is_jsonl:
+            source = GlobalOrderRecords(source)
         self.dataset = EveDataset(source, processor, data_cfg, teacher_fn=teacher_fn)
         pad_id = processor.pad_token_id
         self.batches = MicroBatches(
@@ -454,6 +517,10 @@ class Trainer:
         self.history = ts.get("history", [])
         self.batches.skip(ts["micro_batches"])
         _set_rng_state(st["rng"])
+        metrics = self.out / "metrics.jsonl"
+        if self.info.main and metrics.is_file():  # drop steps logged after the checkpoint
+            kept = [line for line in metrics.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= self.step]
+            metrics.write_text("".join(line + "\n" for line in kept))
         logger.info("resumed from %s at step %d", ckpt, self.step)
         return True
 
@@ -579,27 +646,35 @@ class Trainer:
 
     def finish(self, seconds: float) -> TrainResult:
         final = self.out / "final"
+        skipped, seen = self.batches.skip_counts()
+        if self.info.world > 1:  # every rank read its own share of the records
+            parts: list[Any] = [None] * self.info.world
+            dist.all_gather_object(parts, (skipped, seen))
+            skipped, seen = {}, 0
+            for counts, n in parts:
+                seen += n
+                for reason, k in counts.items():
+                    skipped[reason] = skipped.get(reason, 0) + k
         if self.info.main:
             with atomic_folder(final) as tmp:
                 self.model.save_pretrained(tmp, include_aligning_layer=self.recipe.save_aligning_layer)
                 self.processor.save_pretrained(tmp)
-            stats = self.dataset.stats
             summary = {
                 "recipe": self.recipe.name,
                 "steps": self.step,
                 "samples": self.samples,
                 "tokens": self.tokens,
                 "seconds": round(seconds, 2),
-                "skipped_records": dict(stats.counts),
-                "records_seen": stats.total_seen,
+                "skipped_records": skipped,
+                "records_seen": seen,
                 "final_loss": self.history[-1]["loss"] if self.history else None,
                 "world_size": self.info.world,
                 "device": str(self.device),
             }
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
             (self.out / "recipe.json").write_text(json.dumps(self.recipe.to_dict(), indent=2, default=str))
-            if stats.total_seen and sum(stats.counts.values()):
-                logger.warning("skipped records: %s", stats.summary())
+            if skipped:
+                logger.warning("skipped %d of %d records read: %s", sum(skipped.values()), seen, skipped)
             plot_history(self.history, self.out / "loss.png", title=self.recipe.name)
         else:
             summary = {}

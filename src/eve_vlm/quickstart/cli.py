@@ -1,0 +1,52 @@
+"""`eve quickstart`: the whole EVE recipe at small scale on a CPU, with a report."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quickstart", help="turn SmolLM2 into an encoder-free VLM on easy-VQA and report accuracy")
+    p.add_argument("--out", type=Path, default=Path("runs/quickstart"))
+    p.add_argument("--variant", choices=["v1", "v2"], default="v1")
+    p.add_argument("--budget-minutes", type=float, default=15.0, help="scales the training steps (15 -> recipe steps)")
+    p.add_argument("--eval-questions", type=int, default=1000, help="held-out questions to score (0 = all 9673)")
+    p.add_argument("--llm-layers", type=int, default=8, help="first SmolLM2 layers kept (of 30)")
+    p.add_argument("--no-blind", action="store_true", help="skip the blind (blank-image) baseline")
+    p.add_argument("--no-teacher", action="store_true", help="ablation: no aligning-layer teacher loss")
+    p.add_argument("--skip-stage", action="append", default=[], choices=["1_prealign", "2_pretrain"], help="ablation")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .run import QuickstartConfig, run_quickstart
+
+    cfg = QuickstartConfig(
+        out=args.out,
+        variant=args.variant,
+        budget_minutes=args.budget_minutes,
+        llm_layers=args.llm_layers,
+        eval_questions=args.eval_questions,
+        blind=not args.no_blind,
+        seed=args.seed,
+        skip_stages=tuple(args.skip_stage),
+        no_teacher=args.no_teacher,
+    )
+    m = run_quickstart(cfg)
+    pct = lambda x: "-" if x is None else f"{100 * x:5.1f}%"  # noqa: E731
+    per, bper = m["per_type"], m["blind_per_type"] or {}
+    print(f"\nEVE quickstart ({m['wall_seconds'] / 60:.1f} min): accuracy on {m['eval_questions']} held-out questions")
+    print(f"  {'':22s} overall  colour   shape   yes/no")
+    print(f"  {'EVE (ours)':22s} {pct(m['accuracy'])} {pct(per.get('color'))} {pct(per.get('shape'))} {pct(per.get('yes_no'))}")
+    if m["blind_accuracy"] is not None:
+        print(f"  {'blind (blank images)':22s} {pct(m['blind_accuracy'])} {pct(bper.get('color'))} {pct(bper.get('shape'))} {pct(bper.get('yes_no'))}")
+    pp = m["prior_per_type"]
+    print(f"  {'answer prior':22s} {pct(m['prior_accuracy'])} {pct(pp.get('color'))} {pct(pp.get('shape'))} {pct(pp.get('yes_no'))}")
+    print(f"\nReport: {args.out / 'report.md'}")
+    print(f"Chat with the model: eve chat --model {args.out / 'final'} --image path/to/image.png")
+    return 0
