@@ -59,8 +59,36 @@ def convert_llm_folder(
         overrides["pad_token_id"] = tokenizer.pad_token_id
     overrides.update(model_overrides)
     model = convert_llm(llm, version, dtype=dtype, seed=seed, **overrides)
+    match_visual_scale(model, image_config)
     processor = EveProcessor(EveImageProcessor(image_config), tokenizer=tokenizer, template=template)
     if out is not None:
         model.save_pretrained(out)
         processor.save_pretrained(out)
     return model, processor
+
+
+@torch.no_grad()
+def match_visual_scale(model: EveForCausalLM, image_config: Any, samples: int = 4) -> float:
+    """Rescale the fresh vision output so visual tokens have the RMS of the LLM's word embeddings.
+
+    PyTorch-default initialisation gives visual tokens of RMS ~1 while pretrained embeddings are
+    often ~100x smaller (SmolLM2: ~0.05): the image then swamps the residual stream and the first
+    steps diverge. Returns the factor applied.
+    """
+    stride = model.config.token_stride
+    size = max(stride, 4 * stride)
+    images = [torch.randn(3, size, size, generator=torch.Generator().manual_seed(i)) for i in range(samples)]
+    tokens = model.model.encode_images(images).tokens
+    target = model.model.embed_tokens.weight.float().pow(2).mean().sqrt()
+    factor = float(target / tokens.float().pow(2).mean().sqrt().clamp(min=1e-8))
+    if model.config.version == "v1":
+        last = [m for m in model.model.mm_projector.modules() if isinstance(m, torch.nn.Linear)][-1]
+        last.weight.mul_(factor)
+        last.bias.mul_(factor)
+    else:
+        tower = model.model.vision_tower
+        tower.patch_embedding[2].weight.mul_(factor)
+        tower.patch_embedding[2].bias.mul_(factor)
+        tower.class_embedding.mul_(factor)
+        tower.split_embedding.mul_(factor)
+    return factor

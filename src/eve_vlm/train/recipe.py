@@ -147,6 +147,28 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     node[parts[-1]] = value
 
 
+def _coerce(value: Any, annotation: str, key: str) -> Any:
+    """Numbers for numeric fields: YAML reads `1e-4` (no dot) as a string, a silent trap for lrs."""
+    if value is None and "None" in annotation:
+        return None
+    if annotation.startswith("float"):
+        if isinstance(value, bool):
+            raise RecipeError(f"{key} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise RecipeError(f"{key} must be a number, got {value!r}") from None
+    if annotation.startswith("dict[str, float]"):
+        if not isinstance(value, dict):
+            raise RecipeError(f"{key} must be a mapping, got {value!r}")
+        return {k: _coerce(v, "float", f"{key}.{k}") for k, v in value.items()}
+    if annotation.startswith("int") and (isinstance(value, bool) or not isinstance(value, int)):
+        raise RecipeError(f"{key} must be an integer, got {value!r}")
+    if annotation == "bool" and not isinstance(value, bool):
+        raise RecipeError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
 def _build(cls: type, data: dict[str, Any], where: str):
     if not isinstance(data, dict):
         raise RecipeError(f"{where or 'recipe'} must be a mapping, got {type(data).__name__}")
@@ -160,9 +182,9 @@ def _build(cls: type, data: dict[str, Any], where: str):
         if sub is not None:
             kwargs[name] = _build(sub, value or {}, name)
         elif name == "betas":
-            kwargs[name] = tuple(value)
+            kwargs[name] = tuple(_coerce(v, "float", f"{where}.{name}") for v in value)
         else:
-            kwargs[name] = value
+            kwargs[name] = _coerce(value, str(fields[name].type), f"{where}.{name}" if where else name)
     try:
         return cls(**kwargs)
     except TypeError as exc:
