@@ -142,7 +142,7 @@ class EveForCausalLM(nn.Module):
                     f"image {i} has size {tuple(img.shape[1:])}: both sides must be positive multiples of "
                     f"{stride} (use EveProcessor to prepare images)"
                 )
-        return list(images)
+        return [img.to(device=self.device, dtype=self.dtype) for img in images]
 
     def splice(
         self,
