@@ -113,15 +113,15 @@ class TokenRoute:
         """Run text_fn on text tokens and vision_fn on visual tokens of x [B, L, D]; keep order."""
         b, n = x.shape[:2]
         flat = x.reshape(b * n, -1)
-        out_t = text_fn(flat[self.text_index]) if self.text_index.numel() else None
-        out_v = vision_fn(flat[self.vision_index])
+        out_t = text_fn(flat.index_select(0, self.text_index)) if self.text_index.numel() else None
+        out_v = vision_fn(flat.index_select(0, self.vision_index))
         single = not isinstance(out_v, tuple)
         outs_v = (out_v,) if single else out_v
         outs_t = (None,) * len(outs_v) if out_t is None else ((out_t,) if single else out_t)
         merged = []
         for t, v in zip(outs_t, outs_v, strict=True):
             joined = v if t is None else torch.cat((t, v), dim=0)
-            merged.append(joined[self.inverse].reshape(b, n, -1))
+            merged.append(joined.index_select(0, self.inverse).reshape(b, n, -1))
         return merged[0] if single else tuple(merged)
 
 
