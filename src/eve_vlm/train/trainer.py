@@ -509,7 +509,8 @@ class Trainer:
         allowed_missing = {"lm_head.weight"} if self.model.config.tie_word_embeddings else set()
         if set(result.missing_keys) - allowed_missing or result.unexpected_keys:
             raise RuntimeError(f"checkpoint {ckpt} does not match the model: {result}")
-        st = torch.load(ckpt / "training_state.pt", map_location=self.device, weights_only=False)
+        # CPU: the RNG states must stay CPU byte tensors; load_state_dict moves optimizer state to the params
+        st = torch.load(ckpt / "training_state.pt", map_location="cpu", weights_only=False)
         self.optimizer.load_state_dict(st["optimizer"])
         self.scheduler.load_state_dict(st["scheduler"])
         ts = json.loads((ckpt / "trainer_state.json").read_text())
