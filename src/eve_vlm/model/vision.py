@@ -106,7 +106,7 @@ class PatchEmbeddingV1(nn.Module):
         weight, _ = conv_as_linear(self.patch_embedding)
         per_image: list[Tensor | None] = [None] * len(images)
         grids: list[tuple[int, int]] = [(0, 0)] * len(images)
-        for shape, idx in group_by_shape(images).items():
+        for idx in group_by_shape(images).values():
             pixels = torch.stack([images[i] for i in idx]).to(weight.dtype)
             grid = F.linear(patchify(pixels, self.patch_stride), weight)  # [n, H, W, C]
             members = window_view(grid, self.merge_stride)  # [n, h, w, s*s, C]
@@ -143,7 +143,7 @@ class PatchEmbeddingV2(nn.Module):
         s = self.merge_stride
         per_image: list[Tensor | None] = [None] * len(images)
         grids: list[tuple[int, int]] = [(0, 0)] * len(images)
-        for shape, idx in group_by_shape(images).items():
+        for idx in group_by_shape(images).values():
             pixels = torch.stack([images[i] for i in idx]).to(w1.dtype)
             grid = F.gelu(F.linear(patchify(pixels, self.patch_stride), w1, b1))  # [n, H, W, C]
             n, hh, ww, c = grid.shape
