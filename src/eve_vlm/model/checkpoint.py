@@ -206,19 +206,29 @@ def convert_llm(
     out: str | Path | None = None,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    keep_layers: list[int] | None = None,
     **overrides,
 ) -> EveForCausalLM:
     """Turn a local Llama/Qwen2 folder into a fresh EVE model (vision parts randomly initialised).
+
+    `keep_layers` builds a shallower decoder from the listed LLM layers, in order (for example the
+    first and the last few: the last layers keep the residual stream aligned with the output head,
+    which a plain prefix of layers does not).
 
     v2's vision copies start as copies of the text weights (the official stage 0 -> 1 step, done
     at creation so a model is usable at once; the v2 stage-0 recipe freezes them anyway).
     """
     from .eve import EveForCausalLM
 
+    if keep_layers is not None:
+        overrides["num_hidden_layers"] = len(keep_layers)
     config = config_from_llm(llm_folder, version, **overrides)
     torch.manual_seed(seed)
     model = EveForCausalLM(config)
     llm_state = {k: v for k, v in read_state_dict(llm_folder).items() if not k.endswith(IGNORED_SUFFIXES)}
+    if keep_layers is not None:
+        llm_state = select_layers(llm_state, keep_layers)
+        logger.info("decoder built from LLM layers %s of %s", keep_layers, llm_folder)
     dropped = [k for k in llm_state if k.startswith("model.layers.") and int(k.split(".")[2]) >= config.num_hidden_layers]
     if dropped:  # a shallower decoder keeps the LLM's first layers (explicit num_hidden_layers override)
         logger.info("keeping the first %d decoder layers of %s", config.num_hidden_layers, llm_folder)
@@ -237,6 +247,26 @@ def convert_llm(
     if out is not None:
         model.save_pretrained(out)
     return model
+
+
+def select_layers(state: dict[str, Tensor], keep: list[int]) -> dict[str, Tensor]:
+    """The state dict of a decoder made of layers `keep` (renumbered 0..len(keep)-1)."""
+    present = {int(k.split(".")[2]) for k in state if k.startswith("model.layers.")}
+    missing = sorted(set(keep) - present)
+    if missing or len(set(keep)) != len(keep):
+        raise ValueError(f"keep_layers {keep} must name distinct layers of the LLM (it has 0..{max(present)}; missing {missing})")
+    new_index = {old: new for new, old in enumerate(keep)}
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if key.startswith("model.layers."):
+            parts = key.split(".")
+            old = int(parts[2])
+            if old not in new_index:
+                continue
+            parts[2] = str(new_index[old])
+            key = ".".join(parts)
+        out[key] = value
+    return out
 
 
 def _is_new_eve_key(key: str) -> bool:

@@ -15,28 +15,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--variant", choices=["v1", "v2"], default="v1")
     p.add_argument("--budget-minutes", type=float, default=15.0, help="scales the training steps (15 -> recipe steps)")
     p.add_argument("--eval-questions", type=int, default=1000, help="held-out questions to score (0 = all 9673)")
-    p.add_argument("--llm-layers", type=int, default=8, help="first SmolLM2 layers kept (of 30)")
+    p.add_argument("--layers", default="0-1,28-29", help="SmolLM2 layers kept, of 0-29 (first and last keep the head aligned)")
     p.add_argument("--no-blind", action="store_true", help="skip the blind (blank-image) baseline")
     p.add_argument("--no-teacher", action="store_true", help="ablation: no aligning-layer teacher loss")
     p.add_argument("--skip-stage", action="append", default=[], choices=["1_prealign", "2_pretrain"], help="ablation")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--ablations", action="store_true", help="run (a) full, (b) no stage 1, (c) no teacher at equal compute; compare"
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from .run import QuickstartConfig, run_quickstart
+    from .run import QuickstartConfig, parse_layers, run_quickstart
 
     cfg = QuickstartConfig(
         out=args.out,
         variant=args.variant,
         budget_minutes=args.budget_minutes,
-        llm_layers=args.llm_layers,
+        keep_layers=parse_layers(args.layers),
         eval_questions=args.eval_questions,
         blind=not args.no_blind,
         seed=args.seed,
         skip_stages=tuple(args.skip_stage),
         no_teacher=args.no_teacher,
     )
+    if args.ablations:
+        return _run_ablations(cfg)
     m = run_quickstart(cfg)
     pct = lambda x: "-" if x is None else f"{100 * x:5.1f}%"  # noqa: E731
     per, bper = m["per_type"], m["blind_per_type"] or {}
@@ -49,4 +54,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"  {'answer prior':22s} {pct(m['prior_accuracy'])} {pct(pp.get('color'))} {pct(pp.get('shape'))} {pct(pp.get('yes_no'))}")
     print(f"\nReport: {args.out / 'report.md'}")
     print(f"Chat with the model: eve chat --model {args.out / 'final'} --image path/to/image.png")
+    return 0
+
+
+def _run_ablations(cfg) -> int:
+    from .ablations import run_ablations
+
+    run_ablations(cfg)
+    print((cfg.out / "ablations.md").read_text())
+    print(f"Plot of the stage-2 losses: {cfg.out / 'ablations.png'}")
     return 0
