@@ -308,6 +308,24 @@ def test_convert_llm_keeps_the_llm_exactly(tmp_path, family, version):
         assert torch.equal(layer.moe_mlp.up_proj.weight, layer.mlp.up_proj.weight)
 
 
+def test_convert_llm_keep_layers_equals_hf_model_with_those_layers(tmp_path):
+    """keep_layers=[1] gives the logits of the HF model whose decoder is just its layer 1."""
+    hf = _tiny_hf_llm(tmp_path / "llm", "llama")
+    model = convert_llm(tmp_path / "llm", "v1", vision_hidden_size=16, keep_layers=[1]).eval()
+    assert model.config.num_hidden_layers == 1
+    hf.model.layers = torch.nn.ModuleList([hf.model.layers[1]])
+    hf.model.layers[0].self_attn.layer_idx = 0
+    hf.config.num_hidden_layers = 1
+    ids = torch.tensor([[1, 5, 9, 22, 40, 3, 7]])
+    with torch.no_grad():
+        ref = hf(ids, use_cache=False).logits
+    torch.testing.assert_close(model(ids).logits, ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="keep_layers"):
+        convert_llm(tmp_path / "llm", "v1", vision_hidden_size=16, keep_layers=[0, 5])
+    with pytest.raises(ValueError, match="keep_layers"):
+        convert_llm(tmp_path / "llm", "v1", vision_hidden_size=16, keep_layers=[1, 1])
+
+
 def test_config_validation():
     with pytest.raises(ConfigError, match="version"):
         EveConfig(version="v3")
