@@ -16,8 +16,8 @@ def test_reduced_quickstart(tmp_path):
     from eve_vlm.quickstart.run import QuickstartConfig, run_quickstart
 
     out = tmp_path / "qs"
-    # Half the default steps (about 5 minutes here): enough for the image to matter.
-    cfg = QuickstartConfig(out=out, steps_scale=0.5, eval_questions=200, blind=True)
+    # 60% of the default steps (about 6 minutes here): enough for the image to matter.
+    cfg = QuickstartConfig(out=out, steps_scale=0.6, eval_questions=300, blind=True)
     metrics = run_quickstart(cfg)
 
     for name in ("report.md", "loss.png", "metrics.json", "final/config.json", "final/model.safetensors"):
@@ -29,12 +29,12 @@ def test_reduced_quickstart(tmp_path):
         assert 0.0 <= saved[key] <= 1.0
     assert set(saved["per_type"]) == {"color", "shape", "yes_no"}
     assert set(saved["blind_per_type"]) == {"color", "shape", "yes_no"}
-    assert metrics["eval_questions"] == 200
+    assert metrics["eval_questions"] == 300
     # The image is used: colour + shape beat the blank-image model by a clear margin (at the full
     # default budget: 63.5% vs 18.9%; chance is 12.5% / 33%).
     seen = (saved["per_type"]["color"] + saved["per_type"]["shape"]) / 2
     blind = (saved["blind_per_type"]["color"] + saved["blind_per_type"]["shape"]) / 2
-    assert seen > blind + 0.15, (saved["per_type"], saved["blind_per_type"])
+    assert seen > blind + 0.12, (saved["per_type"], saved["blind_per_type"])
     # Every stage lowered its loss.
     for stage in ("1_prealign", "2_pretrain", "3_sft"):
         losses = [json.loads(line)["loss"] for line in (out / stage / "metrics.jsonl").read_text().splitlines()]
@@ -47,7 +47,7 @@ def test_reduced_quickstart(tmp_path):
 
 
 def test_layer_lists_parse_and_format():
-    from eve_vlm.quickstart.run import format_layers, parse_layers
+    from eve_vlm.model.convert import format_layers, parse_layers
 
     assert parse_layers("0-1,28-29") == (0, 1, 28, 29)
     assert format_layers((0, 1, 5, 28, 29)) == "0-1,5,28-29"

@@ -17,13 +17,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vision-hidden-size", type=int, default=1024)
     p.add_argument("--resolution", type=int, default=None, help="v1 image_size (672/1344) or v2 max_size (800/1600)")
     p.add_argument("--template", default=None, help="chat template name (default per version)")
+    p.add_argument(
+        "--keep-layers", default=None, help="build the decoder from these LLM layers only, e.g. '0-1,28-29'"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from .convert import convert_llm_folder
+    from .convert import convert_llm_folder, parse_layers
 
+    extra = {"keep_layers": list(parse_layers(args.keep_layers))} if args.keep_layers else {}
     convert_llm_folder(
         args.llm,
         args.out,
@@ -32,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
         resolution=args.resolution,
         template=args.template,
         seed=args.seed,
+        **extra,
     )
     logger.info("wrote %s", args.out)
     return 0

@@ -67,6 +67,28 @@ def convert_llm_folder(
     return model, processor
 
 
+def parse_layers(text: str) -> tuple[int, ...]:
+    """'0-1,28-29' -> (0, 1, 28, 29)."""
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            out += range(int(lo), int(hi or lo) + 1)
+    except ValueError as exc:
+        raise ValueError(f"layer list {text!r} must look like '0-1,28-29'") from exc
+    return tuple(out)
+
+
+def format_layers(layers: tuple[int, ...]) -> str:
+    runs: list[list[int]] = []
+    for i in layers:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+
+
 @torch.no_grad()
 def match_visual_scale(model: EveForCausalLM, image_config: Any, samples: int = 4) -> float:
     """Rescale the fresh vision output so visual tokens have the RMS of the LLM's word embeddings.

@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .run import QuickstartConfig, parse_layers, run_quickstart
+    from ..model.convert import parse_layers
+    from .run import QuickstartConfig, run_quickstart
 
     cfg = QuickstartConfig(
         out=args.out,

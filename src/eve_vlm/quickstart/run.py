@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from ..model.convert import format_layers
+
 logger = logging.getLogger(__name__)
 
 RECIPE_DIR = Path(__file__).resolve().parents[3] / "recipes" / "quickstart"
@@ -48,28 +50,6 @@ class QuickstartConfig:
     @property
     def layers_text(self) -> str:
         return f"layers {format_layers(self.keep_layers)} of SmolLM2's 30"
-
-
-def parse_layers(text: str) -> tuple[int, ...]:
-    """'0-1,28-29' -> (0, 1, 28, 29)."""
-    out: list[int] = []
-    try:
-        for part in text.split(","):
-            lo, _, hi = part.strip().partition("-")
-            out += range(int(lo), int(hi or lo) + 1)
-    except ValueError as exc:
-        raise ValueError(f"layer list {text!r} must look like '0-1,28-29'") from exc
-    return tuple(out)
-
-
-def format_layers(layers: tuple[int, ...]) -> str:
-    runs: list[list[int]] = []
-    for i in layers:
-        if runs and i == runs[-1][-1] + 1:
-            runs[-1].append(i)
-        else:
-            runs.append([i])
-    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
 def _recipe(stage: str, cfg: QuickstartConfig, overrides: list[str]):
