@@ -478,3 +478,20 @@ def test_eve_train_command_runs_a_stage_and_resumes(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 6
     EveForCausalLM.from_pretrained(tmp_path / "final")
     assert Image.open(tmp_path / "loss.png").size[0] > 0
+
+
+def test_freeze_patterns_hold_back_matching_parameters_and_tied_heads(tmp_path: Path) -> None:
+    from tiny import make_tiny_checkpoint
+
+    from eve_vlm.train import set_trainable
+
+    path = make_tiny_checkpoint(tmp_path / "m", "v2", tie_word_embeddings=True)
+    model = EveForCausalLM.from_pretrained(path)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    groups = set_trainable(model, ["vision", "llm"], ["lm_head.*"])  # the tied head freezes its embedding too
+    assert not model.model.embed_tokens.weight.requires_grad
+    trainable = {id(p) for ps in groups.values() for p in ps}
+    assert id(model.model.embed_tokens.weight) not in trainable
+    assert all(p.requires_grad for n, p in model.named_parameters() if "layers.0.mlp" in n)
+    with pytest.raises(ValueError, match="no_such_param"):
+        set_trainable(model, ["llm"], ["no_such_param*"])

@@ -13,13 +13,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quickstart", help="turn SmolLM2 into an encoder-free VLM on easy-VQA and report accuracy")
     p.add_argument("--out", type=Path, default=Path("runs/quickstart"))
     p.add_argument("--variant", choices=["v1", "v2"], default="v1")
-    p.add_argument("--budget-minutes", type=float, default=15.0, help="scales the training steps (15 -> recipe steps)")
+    p.add_argument(
+        "--budget-minutes", type=float, default=15.0,
+        help="scales the training steps (15 -> the recipe steps on a CPU, 6.7x them on a GPU)",
+    )
     p.add_argument("--eval-questions", type=int, default=1000, help="held-out questions to score (0 = all 9673)")
     p.add_argument("--layers", default="0-1,28-29", help="SmolLM2 layers kept, of 0-29 (first and last keep the head aligned)")
     p.add_argument("--no-blind", action="store_true", help="skip the blind (blank-image) baseline")
     p.add_argument("--no-teacher", action="store_true", help="ablation: no aligning-layer teacher loss")
     p.add_argument("--skip-stage", action="append", default=[], choices=["1_prealign", "2_pretrain"], help="ablation")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--questions-per-sample", type=int, default=None,
+        help="questions of one image per stage-3 sample (default 1: later turns would leak earlier answers)",
+    )
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="[STAGE:]KEY=VALUE",
+        help="recipe override for every stage, or one stage (e.g. 3_sft:optim.lr=1e-3); repeatable",
+    )
     p.add_argument(
         "--ablations", action="store_true", help="run (a) full, (b) no stage 1, (c) no teacher at equal compute; compare"
     )
@@ -40,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         skip_stages=tuple(args.skip_stage),
         no_teacher=args.no_teacher,
+        overrides=tuple(args.overrides),
+        **({"questions_per_sample": args.questions_per_sample} if args.questions_per_sample else {}),
     )
     if args.ablations:
         return _run_ablations(cfg)

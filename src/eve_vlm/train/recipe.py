@@ -78,6 +78,9 @@ class Recipe:
     teacher: TeacherSpec = field(default_factory=TeacherSpec)
     optim: OptimSpec = field(default_factory=OptimSpec)
     trainable: list[str] = field(default_factory=lambda: list(PARAM_GROUPS))
+    # parameter-name patterns (fnmatch) kept frozen inside the trainable groups, e.g. the tied
+    # embedding / output head ["model.embed_tokens.*", "lm_head.*"]: saves its gradient and Adam update
+    freeze: list[str] = field(default_factory=list)
     global_batch_size: int = 8
     micro_batch_size: int = 8
     max_steps: int | None = None  # default: one epoch of the data

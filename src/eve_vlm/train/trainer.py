@@ -9,6 +9,7 @@ exact resume (model, optimizer, scheduler, RNG and data position).
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import logging
 import math
@@ -62,13 +63,23 @@ def param_group_of(name: str) -> str:
     return "llm"
 
 
-def set_trainable(model: EveForCausalLM, groups: list[str]) -> dict[str, list[nn.Parameter]]:
-    """Freeze everything except the named groups; returns the trainable parameters by group."""
+def set_trainable(
+    model: EveForCausalLM, groups: list[str], freeze: list[str] | None = None
+) -> dict[str, list[nn.Parameter]]:
+    """Freeze everything except the named groups, then the parameters matching a `freeze` pattern
+    (fnmatch on names; a pattern that matches nothing is an error). Returns the trainable
+    parameters by group."""
     out: dict[str, list[nn.Parameter]] = {}
     seen: set[int] = set()
+    patterns = list(freeze or [])
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    unmatched = [pat for pat in patterns if not any(fnmatch.fnmatchcase(n, pat) for n in names)]
+    if unmatched:
+        raise ValueError(f"freeze patterns {unmatched} match no parameter (names look like {names[0]!r})")
+    frozen = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)}
     for name, p in model.named_parameters():
         group = param_group_of(name)
-        p.requires_grad_(group in groups)
+        p.requires_grad_(group in groups and id(p) not in frozen)
         if p.requires_grad and id(p) not in seen:
             seen.add(id(p))
             out.setdefault(group, []).append(p)
@@ -368,7 +379,7 @@ class Trainer:
             recipe.trainable = [g for g in recipe.trainable if g != "aligner"]
         model.to(self.device)
         model.gradient_checkpointing_enable(recipe.gradient_checkpointing)
-        self.groups = set_trainable(model, recipe.trainable)
+        self.groups = set_trainable(model, recipe.trainable, recipe.freeze)
         self.autocast_dtype = self._autocast_dtype()
 
         self.accum = recipe.global_batch_size // (recipe.micro_batch_size * self.info.world)
