@@ -41,6 +41,10 @@ def test_reduced_quickstart(tmp_path, all_cores):
     assert set(saved["per_type"]) == {"color", "shape", "yes_no"}
     assert set(saved["blind_per_type"]) == {"color", "shape", "yes_no"}
     assert metrics["eval_questions"] == 300
+    from eve_vlm.quickstart.run import STAGES, _recipe
+
+    assert saved["steps"] == {s: _recipe(s, cfg, []).max_steps for s in STAGES}
+    assert saved["questions_per_sample"] == 1
     # The image is used: colour + shape beat the blank-image model by a clear margin (at the full
     # default budget: 69.5% vs 28.9%; chance is 12.5% / 33%).
     seen = (saved["per_type"]["color"] + saved["per_type"]["shape"]) / 2

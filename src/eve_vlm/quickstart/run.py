@@ -258,6 +258,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
 
     histories: dict[str, list[dict[str, Any]]] = {}
     tokens_seen: dict[str, int] = {}
+    steps: dict[str, int] = {}
     data_for = {"1_prealign": data["captions"], "2_pretrain": data["captions"], "3_sft": data["qa"]}
     for stage in STAGES:
         if stage in cfg.skip_stages:
@@ -272,6 +273,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
         timings[stage] = time.perf_counter() - t
         histories[stage] = result.history
         tokens_seen[stage] = trainer.tokens
+        steps[stage] = recipe.max_steps
     final = out / "final"
     if final.exists():
         shutil.rmtree(final)
@@ -306,6 +308,8 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
         "wall_seconds": wall,
         "timings_seconds": {k: round(v, 1) for k, v in timings.items()},
         "tokens_seen": tokens_seen,
+        "steps": steps,
+        "questions_per_sample": cfg.questions_per_sample,
         "llm_layers": list(cfg.keep_layers),
         "variant": cfg.variant,
         "device": str(model.device),
@@ -367,6 +371,10 @@ def write_report(out: Path, cfg: QuickstartConfig, metrics: dict[str, Any], main
     for k, v in metrics["tokens_seen"].items():
         lines.append(f"- tokens seen in {k}: {v:,}")
     lines.append(f"- recipes: {RECIPE_DIR}/{{{','.join(STAGES)}}}.yaml (steps scaled by budget {cfg.budget_minutes} min)")
+    lines.append("- steps: " + ", ".join(f"{k} {v}" for k, v in metrics["steps"].items()))
+    lines.append(f"- stage-3 samples: {cfg.questions_per_sample} question(s) about one image each")
+    if cfg.overrides:
+        lines.append(f"- recipe overrides: {', '.join(cfg.overrides)}")
     lines += ["", "![losses](loss.png)", "", "## Examples (held-out test images)", "", "| image | question | answer | truth |", "|---|---|---|---|"]
     (out / "examples").mkdir(exist_ok=True)
     for i in list(main["predictions"])[:12]:

@@ -71,12 +71,13 @@ def set_trainable(
     parameters by group."""
     out: dict[str, list[nn.Parameter]] = {}
     seen: set[int] = set()
-    patterns = list(freeze or [])
-    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
-    unmatched = [pat for pat in patterns if not any(fnmatch.fnmatchcase(n, pat) for n in names)]
-    if unmatched:
-        raise ValueError(f"freeze patterns {unmatched} match no parameter (names look like {names[0]!r})")
-    frozen = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)}
+    named = list(model.named_parameters(remove_duplicate=False))  # tied weights under every name
+    frozen: set[int] = set()
+    for pattern in freeze or []:
+        hits = {id(p) for n, p in named if fnmatch.fnmatchcase(n, pattern)}
+        if not hits:
+            raise ValueError(f"freeze pattern {pattern!r} matches no parameter (names look like {named[0][0]!r})")
+        frozen |= hits
     for name, p in model.named_parameters():
         group = param_group_of(name)
         p.requires_grad_(group in groups and id(p) not in frozen)
