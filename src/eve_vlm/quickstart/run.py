@@ -42,7 +42,7 @@ class QuickstartConfig:
     # Questions of one image per stage-3 sample. One: in a multi-turn sample, later yes/no answers
     # follow from earlier answers in the text ("What colour? red" ... "Is there a red shape? yes"),
     # so the model learns to read the conversation, not the image, and yes/no stays at the answer
-    # prior (measured: 85% yes/no with 4 per sample vs 95% with 1, at equal steps; docs/quickstart.md).
+    # prior (measured: 85% yes/no with 4 per sample vs 95% with 1, at similar compute; docs/quickstart.md).
     questions_per_sample: int = 1
     blind: bool = True
     seed: int = 0
