@@ -122,6 +122,8 @@ def test_stage3_samples_ask_one_question_each_by_default(tmp_path):
     records = [json.loads(line) for line in paths["qa"].read_text().splitlines()]
     assert len(records) == len(load_easy_vqa("train").questions)
     assert all(len(r["conversations"]) == 2 and r["conversations"][0]["value"].startswith("<image>\n") for r in records)
+    with pytest.raises(ValueError, match="questions_per_sample"):
+        QuickstartConfig(questions_per_sample=0)
     grouped = write_data(tmp_path / "g", QuickstartConfig(questions_per_sample=4))
     first = json.loads(grouped["qa"].read_text().splitlines()[0])
     assert 2 < len(first["conversations"]) <= 8

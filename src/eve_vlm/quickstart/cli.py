@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         skip_stages=tuple(args.skip_stage),
         no_teacher=args.no_teacher,
         overrides=tuple(args.overrides),
-        **({"questions_per_sample": args.questions_per_sample} if args.questions_per_sample else {}),
+        **({"questions_per_sample": args.questions_per_sample} if args.questions_per_sample is not None else {}),
     )
     if args.ablations:
         return _run_ablations(cfg)

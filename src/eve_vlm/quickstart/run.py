@@ -53,6 +53,12 @@ class QuickstartConfig:
     # recipe overrides, "key=value" for every stage or "STAGE:key=value" for one (e.g. "3_sft:optim.lr=1e-3")
     overrides: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        if self.questions_per_sample < 1:
+            raise ValueError(f"questions_per_sample must be >= 1, got {self.questions_per_sample}")
+        if self.budget_minutes <= 0:
+            raise ValueError(f"budget_minutes must be > 0, got {self.budget_minutes}")
+
     @property
     def layers_text(self) -> str:
         return f"layers {format_layers(self.keep_layers)} of SmolLM2's 30"
