@@ -134,3 +134,21 @@ def test_frozen_embedding_recipe_keeps_the_tied_head_fixed():
 
     for stage in ("2_pretrain", "3_sft"):
         assert _recipe(stage, QuickstartConfig(steps_scale=1.0), []).freeze == ["model.embed_tokens.*"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--set", "4_rlhf:max_steps=1"], "unknown stage '4_rlhf'"),
+        (["--set", "optim.lr=fast"], "optim.lr"),
+        (["--questions-per-sample", "0"], "questions_per_sample"),
+        (["--layers", "first"], "0-1,28-29"),
+    ],
+)
+def test_bad_quickstart_flags_fail_at_once_in_one_line(tmp_path, capsys, flags, message):
+    from eve_vlm.cli import main
+
+    assert main(["quickstart", "--out", str(tmp_path / "qs"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert "eve quickstart: error:" in err and message in err
+    assert not (tmp_path / "qs").exists()  # nothing was set up

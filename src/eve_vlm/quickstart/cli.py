@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -39,21 +40,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..model.convert import parse_layers
-    from .run import QuickstartConfig, run_quickstart
+    from .run import STAGES, _recipe, run_quickstart
 
-    cfg = QuickstartConfig(
-        out=args.out,
-        variant=args.variant,
-        budget_minutes=args.budget_minutes,
-        keep_layers=parse_layers(args.layers),
-        eval_questions=args.eval_questions,
-        blind=not args.no_blind,
-        seed=args.seed,
-        skip_stages=tuple(args.skip_stage),
-        no_teacher=args.no_teacher,
-        overrides=tuple(args.overrides),
-        **({"questions_per_sample": args.questions_per_sample} if args.questions_per_sample is not None else {}),
-    )
+    try:  # bad flags fail here, in a line, before minutes of set-up
+        cfg = _config(args, parse_layers)
+        for stage in STAGES:
+            _recipe(stage, cfg, [])
+    except ValueError as err:  # RecipeError is a ValueError
+        print(f"eve quickstart: error: {err}", file=sys.stderr)
+        return 2
     if args.ablations:
         return _run_ablations(cfg)
     m = run_quickstart(cfg)
@@ -69,6 +64,24 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nReport: {args.out / 'report.md'}")
     print(f"Chat with the model: eve chat --model {args.out / 'final'} --image path/to/image.png")
     return 0
+
+
+def _config(args: argparse.Namespace, parse_layers):
+    from .run import QuickstartConfig
+
+    return QuickstartConfig(
+        out=args.out,
+        variant=args.variant,
+        budget_minutes=args.budget_minutes,
+        keep_layers=parse_layers(args.layers),
+        eval_questions=args.eval_questions,
+        blind=not args.no_blind,
+        seed=args.seed,
+        skip_stages=tuple(args.skip_stage),
+        no_teacher=args.no_teacher,
+        overrides=tuple(args.overrides),
+        **({"questions_per_sample": args.questions_per_sample} if args.questions_per_sample is not None else {}),
+    )
 
 
 def _run_ablations(cfg) -> int:
