@@ -152,3 +152,18 @@ def test_bad_quickstart_flags_fail_at_once_in_one_line(tmp_path, capsys, flags, 
     err = capsys.readouterr().err
     assert "eve quickstart: error:" in err and message in err
     assert not (tmp_path / "qs").exists()  # nothing was set up
+
+
+def test_captions_are_short_by_default_and_varied_on_request(tmp_path):
+    import re
+
+    from eve_vlm.quickstart.run import QuickstartConfig, write_data
+
+    def captions(cfg, folder):
+        lines = write_data(folder, cfg)["captions"].read_text().splitlines()
+        return [json.loads(line)["conversations"][1]["value"] for line in lines]
+
+    short = captions(QuickstartConfig(), tmp_path / "short")
+    assert len(short) == 4000 and all(re.fullmatch(r"A [a-z]+ (circle|rectangle|triangle)\.", c) for c in short)
+    varied = captions(QuickstartConfig(short_captions=False), tmp_path / "varied")
+    assert len(set(c.split(" ", 3)[-1] for c in varied)) > 8  # several phrasings, not one

@@ -29,6 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="questions of one image per stage-3 sample (default 1: later turns would leak earlier answers)",
     )
     p.add_argument(
+        "--caption-style", choices=["short", "varied"], default="short",
+        help='stages 1-2 captions: "A <colour> <shape>." or eight varied phrasings',
+    )
+    p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="[STAGE:]KEY=VALUE",
         help="recipe override for every stage, or one stage (e.g. 3_sft:optim.lr=1e-3); repeatable",
     )
@@ -80,6 +84,7 @@ def _config(args: argparse.Namespace, parse_layers):
         skip_stages=tuple(args.skip_stage),
         no_teacher=args.no_teacher,
         overrides=tuple(args.overrides),
+        short_captions=args.caption_style == "short",
         **({"questions_per_sample": args.questions_per_sample} if args.questions_per_sample is not None else {}),
     )
 

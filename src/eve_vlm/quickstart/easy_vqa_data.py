@@ -185,21 +185,21 @@ def load_easy_vqa(split: Split) -> EasyVQASplit:
     return EasyVQASplit(split, image_paths, questions, shapes, colors)
 
 
-def caption_records(split: Split, captions_per_image: int = 1, seed: int = 0) -> list[dict]:
+def caption_records(
+    split: Split, captions_per_image: int = 1, seed: int = 0, templates: Sequence[str] = CAPTION_TEMPLATES
+) -> list[dict]:
     """LLaVA caption pairs (one per image and phrasing) for the pre-training stages.
 
     Each image gets ``captions_per_image`` distinct phrasings of "a <colour> <shape>", chosen with a
     per-image RNG so the output is deterministic for a given ``seed``.
     """
-    if not 1 <= captions_per_image <= len(CAPTION_TEMPLATES):
-        raise ValueError(
-            f"captions_per_image must be in 1..{len(CAPTION_TEMPLATES)}, got {captions_per_image}"
-        )
+    if not 1 <= captions_per_image <= len(templates):
+        raise ValueError(f"captions_per_image must be in 1..{len(templates)}, got {captions_per_image}")
     data = load_easy_vqa(split)
     records = []
     for image_id, path in data.image_paths.items():
         rng = random.Random(seed * 1_000_003 + image_id)
-        for k, template in enumerate(rng.sample(CAPTION_TEMPLATES, captions_per_image)):
+        for k, template in enumerate(rng.sample(list(templates), captions_per_image)):
             caption = template.format(color=data.colors[image_id], shape=data.shapes[image_id])
             records.append(
                 {
