@@ -43,8 +43,15 @@ def _batch(processor):
     return processor(build_prompts(processor, QUESTIONS), images=IMAGES, padding_side="left")
 
 
+def _to(batch, device, image_dtype=None):
+    """The processor's batch on `device`: tensors moved, the image list moved (and cast) image by image."""
+    return {
+        k: (v.to(device) if torch.is_tensor(v) else [t.to(device, image_dtype) for t in v]) for k, v in batch.items()
+    }
+
+
 def _logits(model, batch, device, dtype=None):
-    inputs = {k: (v.to(device) if torch.is_tensor(v) else [t.to(device) for t in v]) for k, v in batch.items()}
+    inputs = _to(batch, device)
     ctx = torch.autocast("cuda", dtype=dtype) if dtype is not None else torch.autocast("cuda", enabled=False)
     with torch.no_grad(), ctx:
         out = model(**inputs, padding_side="left")
@@ -79,7 +86,7 @@ def test_greedy_generation_on_cuda_equals_cpu(tiny):
     answers = {}
     for device in ("cpu", "cuda"):
         model = EveForCausalLM.from_pretrained(path).eval().to(device)
-        inputs = {k: (v.to(device) if torch.is_tensor(v) else [t.to(device) for t in v]) for k, v in batch.items()}
+        inputs = _to(batch, device)
         res = generate(model, inputs["input_ids"], inputs["images"], inputs["attention_mask"], max_new_tokens=8)
         answers[device] = res.sequences
     assert answers["cuda"] == answers["cpu"]
@@ -90,7 +97,7 @@ def test_bf16_half_weights_generate(tiny):
     path, processor = tiny
     batch = dict(_batch(processor))
     model = EveForCausalLM.from_pretrained(path).eval().to("cuda", torch.bfloat16)
-    inputs = {k: (v.to("cuda") if torch.is_tensor(v) else [t.to("cuda", torch.bfloat16) for t in v]) for k, v in batch.items()}
+    inputs = _to(batch, "cuda", torch.bfloat16)
     res = generate(model, inputs["input_ids"], inputs["images"], inputs["attention_mask"], max_new_tokens=6, eos_token_id=[-1])
     assert all(len(t) == 6 for t in res.sequences)
 

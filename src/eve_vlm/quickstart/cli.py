@@ -43,11 +43,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..model.convert import parse_layers
     from .run import STAGES, _recipe, run_quickstart
 
     try:  # bad flags fail here, in a line, before minutes of set-up
-        cfg = _config(args, parse_layers)
+        cfg = _config(args)
         for stage in STAGES:
             _recipe(stage, cfg, [])
     except ValueError as err:  # RecipeError is a ValueError
@@ -70,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _config(args: argparse.Namespace, parse_layers):
+def _config(args: argparse.Namespace):
+    from ..model.convert import parse_layers
     from .run import QuickstartConfig
 
     return QuickstartConfig(
