@@ -6,7 +6,8 @@ the CPU's step counts. fp32 without TF32 by default, so the numbers transfer to 
 
     python bench/quickstart_sweep.py bench/quickstart_sweeps/scaling.json --parallel 5 --out /tmp/sweep
 
-A config file is a JSON list of {"name": ..., "cfg": {QuickstartConfig fields}}; `overrides` are
+A config file is a JSON list of {"name": ..., "cfg": {QuickstartConfig fields}, "env": {optional
+environment variables}}; `overrides` are
 recipe overrides ("[STAGE:]key=value", as `eve quickstart --set`).
 """
 
@@ -40,7 +41,7 @@ def launch(entry: dict, out: Path, precision: str) -> subprocess.Popen:
     kw = {"blind": False, **entry["cfg"], "out": str(out / entry["name"])}
     kw["overrides"] = [f"precision={precision}", *kw.get("overrides", [])]
     log = (out / f"{entry['name']}.log").open("w")
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"), **entry.get("env", {}))
     return subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(kw)], stdout=log, stderr=subprocess.STDOUT, env=env)
 
 

@@ -333,3 +333,36 @@ def test_config_validation():
         EveConfig(num_attention_heads=4, num_key_value_heads=3)
     with pytest.raises(ConfigError, match="unknown config fields"):
         EveConfig.from_dict({"model_type": "eve_vlm", "bogus": 1})
+
+
+def test_v1_patch_activation_applies_gelu_before_the_merge():
+    """`patch_activation="gelu"`: tokens = projector(local attention over GELU(conv + bias) windows)."""
+    import torch.nn.functional as F
+
+    from eve_vlm.model.vision import window_view
+
+    model = tiny_model("v1", patch_activation="gelu")
+    tower = model.model.vision_tower
+    with torch.no_grad():
+        tower.patch_embedding.bias.normal_()
+    px = image(28, 56)  # 2x4 patches -> one row of two merged tokens
+    vis = model.model.encode_images([px])
+    grid = F.gelu(tower.patch_embedding(px[None])).permute(0, 2, 3, 1)
+    members = window_view(grid, 2)
+    pooled = members.mean(dim=3)
+    row = model.model.mm_projector(tower.local_attention(pooled, members, pooled))[0, 0]  # [2, D]
+    torch.testing.assert_close(vis.tokens[1:3], row)  # after CLS, before SPLIT
+    assert tiny_model("v1").model.vision_tower.patch_embedding.bias is None  # official: linear, no bias
+
+
+def test_patch_activation_is_validated_and_round_trips(tmp_path):
+    with pytest.raises(ConfigError, match="patch_activation"):
+        tiny_config("v1", patch_activation="relu")
+    with pytest.raises(ConfigError, match="v1 only"):
+        tiny_config("v2", patch_activation="gelu")
+    model = tiny_model("v1", patch_activation="gelu")
+    model.save_pretrained(tmp_path / "m")
+    loaded = EveForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert loaded.config.patch_activation == "gelu"
+    px = [image(28, 28)]
+    torch.testing.assert_close(loaded.model.encode_images(px).tokens, model.model.encode_images(px).tokens)

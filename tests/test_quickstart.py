@@ -45,8 +45,9 @@ def test_reduced_quickstart(tmp_path, all_cores):
 
     assert saved["steps"] == {s: _recipe(s, cfg, []).max_steps for s in STAGES}
     assert saved["questions_per_sample"] == 1
+    assert saved["patch_activation"] == "gelu"
     # The image is used: colour + shape beat the blank-image model by a clear margin (at the full
-    # default budget: 69.5% vs 28.9%; chance is 12.5% / 33%).
+    # default budget: 93.9% vs 29.2%; chance is 12.5% / 33%).
     seen = (saved["per_type"]["color"] + saved["per_type"]["shape"]) / 2
     blind = (saved["blind_per_type"]["color"] + saved["blind_per_type"]["shape"]) / 2
     assert seen > blind + 0.12, (saved["per_type"], saved["blind_per_type"])
@@ -102,15 +103,26 @@ def test_stage_overrides_pick_their_stage_and_reject_unknown_ones():
     assert _recipe("2_pretrain", cfg, []).optim.warmup_ratio == 0.5
 
 
-def test_a_gpu_fits_more_steps_into_the_same_budget():
-    from eve_vlm.quickstart.run import GPU_STEPS_FACTOR, QuickstartConfig, _recipe, default_steps_scale
+def test_a_gpu_fits_more_steps_into_the_same_budget(monkeypatch):
+    from eve_vlm.quickstart.run import (
+        GPU_STEPS_FACTOR,
+        STAGES,
+        QuickstartConfig,
+        _recipe,
+        default_steps_scale,
+    )
 
-    assert default_steps_scale(15.0, cuda=False) == 1.0
-    assert default_steps_scale(7.5, cuda=False) == 0.5
-    assert default_steps_scale(15.0, cuda=True) == pytest.approx(GPU_STEPS_FACTOR)
-    cpu_steps = _recipe("3_sft", QuickstartConfig(steps_scale=1.0), []).max_steps
-    gpu_steps = _recipe("3_sft", QuickstartConfig(steps_scale=default_steps_scale(15.0, cuda=True)), []).max_steps
-    assert gpu_steps == round(cpu_steps * GPU_STEPS_FACTOR)
+    assert default_steps_scale(15.0, "3_sft", cuda=False) == 1.0
+    assert default_steps_scale(7.5, "1_prealign", cuda=False) == 0.5
+    assert default_steps_scale(15.0, "3_sft", cuda=True) == pytest.approx(GPU_STEPS_FACTOR["3_sft"])
+    assert set(GPU_STEPS_FACTOR) == set(STAGES) and all(f > 1 for f in GPU_STEPS_FACTOR.values())
+    cfg = QuickstartConfig()  # no steps_scale: from the budget and the device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cpu = {s: _recipe(s, cfg, []).max_steps for s in STAGES}
+    assert cpu == {"1_prealign": 360, "2_pretrain": 180, "3_sft": 150}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gpu = {s: _recipe(s, cfg, []).max_steps for s in STAGES}
+    assert gpu == {s: round(cpu[s] * GPU_STEPS_FACTOR[s]) for s in STAGES}
 
 
 def test_stage3_samples_ask_one_question_each_by_default(tmp_path):

@@ -16,10 +16,11 @@ NAMES = {"full": "(a) full", "no_prealign": "(b) no stage 1", "no_teacher": "(c)
 PANELS = [
     ([f"gpu_seed{s}.json" for s in range(3)], "session-2 recipe, H100, seeds 0-2 (mean, min-max)"),
     (["cpu_half_budget_seed0.json"], "session-2 recipe, CPU, half the steps"),
-    (["cpu_half_budget_current_seed0.json"], "current recipe, CPU, half the steps"),
+    (["cpu_half_budget_current_seed0.json"], "session-3 recipe, CPU, half the steps"),
+    ([f"gpu_final_recipe_seed{s}.json" for s in range(2)], "session-4 recipe (long stage 1, GELU),\nCPU steps on an H100, seeds 0-1"),
 ]
 
-fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 3.8), sharey=True)
+fig, axes = plt.subplots(1, len(PANELS), figsize=(4.5 * len(PANELS), 3.8), sharey=True)
 for ax, (files, title) in zip(axes, PANELS, strict=True):
     runs = [json.loads((HERE / f).read_text()) for f in files]
     for key, label in NAMES.items():

@@ -90,25 +90,31 @@ class CrossAttention(nn.Module):
 
 
 class PatchEmbeddingV1(nn.Module):
-    """14x14 conv, 2x2 pooling with local cross-attention, CLS with global attention, SPLIT tokens."""
+    """14x14 conv, 2x2 pooling with local cross-attention, CLS with global attention, SPLIT tokens.
+
+    With `patch_activation="gelu"` the conv gets a bias and a GELU (our option; official: linear).
+    """
 
     def __init__(self, config: EveConfig) -> None:
         super().__init__()
         c, p = config.vision_hidden_size, config.patch_stride
         self.patch_stride, self.merge_stride = p, config.merge_stride
-        self.patch_embedding = nn.Conv2d(3, c, kernel_size=p, stride=p, bias=False)
+        self.activate = config.patch_activation == "gelu"
+        self.patch_embedding = nn.Conv2d(3, c, kernel_size=p, stride=p, bias=self.activate)
         self.class_embedding = nn.Parameter(torch.randn(c))
         self.split_embedding = nn.Parameter(torch.randn(c))
         self.local_attention = CrossAttention(c, config.vision_num_heads)
         self.global_attention = CrossAttention(c, config.vision_num_heads)
 
     def forward(self, images: list[Tensor]) -> VisionOutput:
-        weight, _ = conv_as_linear(self.patch_embedding)
+        weight, bias = conv_as_linear(self.patch_embedding)
         per_image: list[Tensor | None] = [None] * len(images)
         grids: list[tuple[int, int]] = [(0, 0)] * len(images)
         for idx in group_by_shape(images).values():
             pixels = torch.stack([images[i] for i in idx]).to(weight.dtype)
-            grid = F.linear(patchify(pixels, self.patch_stride), weight)  # [n, H, W, C]
+            grid = F.linear(patchify(pixels, self.patch_stride), weight, bias)  # [n, H, W, C]
+            if self.activate:
+                grid = F.gelu(grid)
             members = window_view(grid, self.merge_stride)  # [n, h, w, s*s, C]
             pooled = members.mean(dim=3)
             local = self.local_attention(pooled, members, pooled)  # [n, h, w, C]

@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--variant", choices=["v1", "v2"], default="v1")
     p.add_argument(
         "--budget-minutes", type=float, default=15.0,
-        help="scales the training steps (15 -> the recipe steps on a CPU, 6.7x them on a GPU)",
+        help="scales the training steps (15 -> the recipe steps on a CPU; on a GPU 2x them for stage 1, 6.7x for stages 2-3)",
     )
     p.add_argument("--eval-questions", type=int, default=1000, help="held-out questions to score (0 = all 9673)")
     p.add_argument("--layers", default="0-1,28-29", help="SmolLM2 layers kept, of 0-29 (first and last keep the head aligned)")
@@ -31,6 +31,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--caption-style", choices=["short", "varied"], default="short",
         help='stages 1-2 captions: "A <colour> <shape>." or eight varied phrasings',
+    )
+    p.add_argument(
+        "--patch-activation", choices=["gelu", "none"], default="gelu",
+        help="v1: GELU after the patch conv (ours, default) or none (the official linear conv)",
     )
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="[STAGE:]KEY=VALUE",
@@ -85,6 +89,7 @@ def _config(args: argparse.Namespace):
         no_teacher=args.no_teacher,
         overrides=tuple(args.overrides),
         short_captions=args.caption_style == "short",
+        patch_activation=args.patch_activation,
         **({"questions_per_sample": args.questions_per_sample} if args.questions_per_sample is not None else {}),
     )
 

@@ -38,6 +38,10 @@ class QuickstartConfig:
     # the full model: 3.6), and four layers keep a step affordable on two cores. The report says so.
     keep_layers: tuple[int, ...] = (0, 1, 28, 29)
     vision_hidden_size: int = 256
+    # v1: a bias and GELU after the patch conv (EveConfig.patch_activation; the official conv is
+    # linear). With the long stage 1 it lifts shape from ~60% to ~80-90% at the CPU budget; alone it
+    # changes nothing (docs/quickstart.md). "none": the official layout.
+    patch_activation: str = "gelu"
     eval_questions: int = 1000
     # Questions of one image per stage-3 sample. One: in a multi-turn sample, later yes/no answers
     # follow from earlier answers in the text ("What colour? red" ... "Is there a red shape? yes"),
@@ -60,6 +64,8 @@ class QuickstartConfig:
     def __post_init__(self) -> None:
         if self.questions_per_sample < 1:
             raise ValueError(f"questions_per_sample must be >= 1, got {self.questions_per_sample}")
+        if self.patch_activation not in ("none", "gelu"):
+            raise ValueError(f"patch_activation must be 'none' or 'gelu', got {self.patch_activation!r}")
         if self.budget_minutes <= 0:
             raise ValueError(f"budget_minutes must be > 0, got {self.budget_minutes}")
 
@@ -75,7 +81,7 @@ def _recipe(stage: str, cfg: QuickstartConfig, overrides: list[str]):
     if not path.is_file():
         raise FileNotFoundError(f"quickstart recipe missing: {path}")
     recipe = Recipe.load(path, [*stage_overrides(cfg.overrides, stage), *overrides])
-    scale = cfg.steps_scale if cfg.steps_scale is not None else default_steps_scale(cfg.budget_minutes)
+    scale = cfg.steps_scale if cfg.steps_scale is not None else default_steps_scale(cfg.budget_minutes, stage)
     recipe.max_steps = max(2, int(round((recipe.max_steps or 10) * scale)))
     recipe.max_steps += int(round((cfg.extra_steps or {}).get(stage, 0) * scale))
     recipe.seed = cfg.seed
@@ -93,17 +99,18 @@ def _recipe(stage: str, cfg: QuickstartConfig, overrides: list[str]):
 SHORT_CAPTION_TEMPLATES = ("A {color} {shape}.",)
 
 # How many more steps a GPU fits into the same budget than the 2-core CPU the recipe steps are set
-# for: 6.7x gives the step counts measured on an H100 (bf16: ~5 min of training, ~1.5 min for the
-# blind model's stage 3), the regime where shape and yes/no are learned.
-GPU_STEPS_FACTOR = 20.0 / 3.0
+# for, per stage: 6.7x gives stages 2-3 the step counts at which yes/no is learned (900+ stage-3
+# steps: 96% overall on an H100). Stage 1 gets 2x (720 steps, measured: shape 92%); its CPU length
+# already teaches the patch embedding and a 6.7x longer one was never measured.
+GPU_STEPS_FACTOR: dict[str, float] = {"1_prealign": 2.0, "2_pretrain": 20.0 / 3.0, "3_sft": 20.0 / 3.0}
 
 
-def default_steps_scale(budget_minutes: float, cuda: bool | None = None) -> float:
-    """Multiplier on the recipe steps for a wall-clock budget: the recipes fill 15 minutes on the
-    2-core CPU, and a GPU (used automatically when present) fits `GPU_STEPS_FACTOR` times more."""
+def default_steps_scale(budget_minutes: float, stage: str, cuda: bool | None = None) -> float:
+    """Multiplier on a stage's recipe steps for a wall-clock budget: the recipes fill 15 minutes on
+    the 2-core CPU, and a GPU (used automatically when present) fits `GPU_STEPS_FACTOR` times more."""
     if cuda is None:
         cuda = torch.cuda.is_available()
-    return budget_minutes / 15.0 * (GPU_STEPS_FACTOR if cuda else 1.0)
+    return budget_minutes / 15.0 * (GPU_STEPS_FACTOR[stage] if cuda else 1.0)
 
 
 def stage_overrides(overrides: tuple[str, ...] | list[str], stage: str) -> list[str]:
@@ -196,6 +203,7 @@ def build_model(llm: Path, cfg: QuickstartConfig):
         template="chatml",
         seed=cfg.seed,
         keep_layers=list(cfg.keep_layers),
+        **({"patch_activation": cfg.patch_activation} if cfg.variant == "v1" else {}),
     )
     return model, processor
 
@@ -324,6 +332,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
         "tokens_seen": tokens_seen,
         "steps": steps,
         "questions_per_sample": cfg.questions_per_sample,
+        "patch_activation": cfg.patch_activation if cfg.variant == "v1" else "gelu (v2 built-in)",
         "llm_layers": list(cfg.keep_layers),
         "variant": cfg.variant,
         "device": str(model.device),
@@ -387,6 +396,7 @@ def write_report(out: Path, cfg: QuickstartConfig, metrics: dict[str, Any], main
     lines.append(f"- recipes: {RECIPE_DIR}/{{{','.join(STAGES)}}}.yaml (steps scaled by budget {cfg.budget_minutes} min)")
     lines.append("- steps: " + ", ".join(f"{k} {v}" for k, v in metrics["steps"].items()))
     lines.append(f"- stage-3 samples: {cfg.questions_per_sample} question(s) about one image each")
+    lines.append(f"- patch embedding: activation after the patch conv: {metrics['patch_activation']}")
     if cfg.overrides:
         lines.append(f"- recipe overrides: {', '.join(cfg.overrides)}")
     lines += ["", "![losses](loss.png)", "", "## Examples (held-out test images)", "", "| image | question | answer | truth |", "|---|---|---|---|"]
