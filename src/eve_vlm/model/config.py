@@ -54,7 +54,8 @@ class EveConfig:
     vision_num_heads: int = 8  # v1 local/global cross-attention heads (fixed in the official code)
     projector_type: str = "mlp2x_gelu"  # v1 only
     # v1 only: "gelu" gives the patch conv a bias and a GELU before the 2x2 merge (not in the official
-    # model, whose conv is linear). Measured: shape is learned ~2x faster from few images (docs/quickstart.md).
+    # model, whose conv is linear). Measured: easy-VQA shape is learned from fewer images (86% vs 65%
+    # after 200 steps of 32, bench/shape_probe.py; docs/quickstart.md).
     patch_activation: str = "none"
     # v2 modality-specific copies ("moe" in the official code) of norms, attention projections, MLP.
     modality_experts: bool = False
