@@ -179,3 +179,19 @@ def test_captions_are_short_by_default_and_varied_on_request(tmp_path):
     assert len(short) == 4000 and all(re.fullmatch(r"A [a-z]+ (circle|rectangle|triangle)\.", c) for c in short)
     varied = captions(QuickstartConfig(short_captions=False), tmp_path / "varied")
     assert len(set(c.split(" ", 3)[-1] for c in varied)) > 8  # several phrasings, not one
+
+
+def test_patch_activation_flag_reaches_the_config():
+    import argparse
+
+    from eve_vlm.quickstart.cli import _config, register
+    from eve_vlm.quickstart.run import QuickstartConfig
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    assert _config(parser.parse_args(["quickstart"])).patch_activation == "gelu"
+    assert _config(parser.parse_args(["quickstart", "--patch-activation", "none"])).patch_activation == "none"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["quickstart", "--patch-activation", "relu"])
+    with pytest.raises(ValueError, match="patch_activation"):
+        QuickstartConfig(patch_activation="relu")
