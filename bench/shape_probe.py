@@ -77,6 +77,12 @@ class PatchEmbedding(nn.Module):
         return tokens[:, :, :4].reshape(len(pixels), 16, 576)
 
 
+@torch.no_grad()
+def teacher_grid(teacher: EfficientNetTeacher, raw: Tensor) -> Tensor:
+    """The teacher's 4x4 features of raw [0, 1] pixels as [N, 16, C] (its own 0.5/0.5 normalisation)."""
+    return torch.cat([teacher(teacher.normalize(raw[i : i + 256])) for i in range(0, len(raw), 256)]).flatten(1, 2)
+
+
 def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
     with torch.no_grad():
         return float((torch.cat([model(x[i : i + 256]) for i in range(0, len(x), 256)]).argmax(-1) == y).float().mean())
@@ -146,9 +152,7 @@ def main() -> None:
     x_te, raw_te, y_te = shape_images("test", mean, std)
     data = (x_tr, y_tr, x_te, y_te)
     teacher = EfficientNetTeacher.from_installed(stage="stride16", image_size=64)
-    with torch.no_grad():
-        t_tr = torch.cat([teacher((raw_tr[i : i + 256] - 0.5) / 0.5) for i in range(0, len(raw_tr), 256)]).flatten(1, 2)
-        t_te = torch.cat([teacher((raw_te[i : i + 256] - 0.5) / 0.5) for i in range(0, len(raw_te), 256)]).flatten(1, 2)
+    t_tr, t_te = teacher_grid(teacher, raw_tr), teacher_grid(teacher, raw_te)
     print(f"{len(x_tr)} train / {len(x_te)} test images with a shape question; test accuracy after N steps of 32")
     print(f"teacher 4x4x{t_tr.shape[-1]} features + attention pooling (300 steps): {100 * train_probe(t_tr, y_tr, t_te, y_te):.0f}%")
     for activation in ("none", "gelu"):

@@ -23,6 +23,9 @@ class ConfigError(ValueError):
     """A configuration that cannot describe a model we can build."""
 
 
+PATCH_ACTIVATIONS = ("none", "gelu")  # v1 patch conv: linear (official) or bias + GELU (ours)
+
+
 @dataclass
 class EveConfig:
     """Everything needed to build an `EveForCausalLM` (no weights, no processor)."""
@@ -78,8 +81,8 @@ class EveConfig:
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}"
             )
-        if self.patch_activation not in ("none", "gelu"):
-            raise ConfigError(f"unknown patch_activation {self.patch_activation!r} (expected 'none' or 'gelu')")
+        if self.patch_activation not in PATCH_ACTIVATIONS:
+            raise ConfigError(f"unknown patch_activation {self.patch_activation!r} (expected one of {PATCH_ACTIVATIONS})")
         if self.patch_activation != "none" and self.version != "v1":
             raise ConfigError("patch_activation applies to EVE v1 only (v2's patch embedding has its GELU)")
         if self.version == "v1" and self.vision_hidden_size % self.vision_num_heads:

@@ -11,6 +11,8 @@ logger = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from ..model.config import PATCH_ACTIVATIONS
+
     p = sub.add_parser("quickstart", help="turn SmolLM2 into an encoder-free VLM on easy-VQA and report accuracy")
     p.add_argument("--out", type=Path, default=Path("runs/quickstart"))
     p.add_argument("--variant", choices=["v1", "v2"], default="v1")
@@ -33,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help='stages 1-2 captions: "A <colour> <shape>." or eight varied phrasings',
     )
     p.add_argument(
-        "--patch-activation", choices=["gelu", "none"], default="gelu",
+        "--patch-activation", choices=PATCH_ACTIVATIONS, default="gelu",
         help="v1: GELU after the patch conv (ours, default) or none (the official linear conv)",
     )
     p.add_argument(

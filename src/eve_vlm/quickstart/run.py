@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..model.config import PATCH_ACTIVATIONS
 from ..model.convert import format_layers
 
 logger = logging.getLogger(__name__)
@@ -64,8 +65,8 @@ class QuickstartConfig:
     def __post_init__(self) -> None:
         if self.questions_per_sample < 1:
             raise ValueError(f"questions_per_sample must be >= 1, got {self.questions_per_sample}")
-        if self.patch_activation not in ("none", "gelu"):
-            raise ValueError(f"patch_activation must be 'none' or 'gelu', got {self.patch_activation!r}")
+        if self.patch_activation not in PATCH_ACTIVATIONS:
+            raise ValueError(f"patch_activation must be one of {PATCH_ACTIVATIONS}, got {self.patch_activation!r}")
         if self.budget_minutes <= 0:
             raise ValueError(f"budget_minutes must be > 0, got {self.budget_minutes}")
 
