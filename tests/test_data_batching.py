@@ -175,3 +175,31 @@ def test_mixed_teacher_presence_is_an_error():
     exs = [make_example(0, 5, [2], teacher=True), make_example(1, 5, [2])]
     with pytest.raises(ValueError, match="teacher"):
         collate_padded(exs, PAD)
+
+
+def test_branch_ids_travel_through_padded_and_packed_batches():
+    plain = make_example(1, 6, [2])
+    branched = make_example(2, 9, [3])
+    branched.branch_ids = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2, 2])
+    padded = collate_padded([plain, branched], PAD)
+    assert padded["branch_ids"].tolist() == [[0] * 10, branched.branch_ids.tolist()]
+    assert "branch_ids" not in collate_padded([plain], PAD)  # plain batches stay as they were
+    packed = collate_packed([[plain, branched]], PAD)
+    assert packed["branch_ids"].tolist() == [[0] * 7 + branched.branch_ids.tolist()]
+    assert packed["segment_ids"].tolist() == [[1] * 7 + [2] * 10]
+
+
+def test_identical_prefixes_share_one_row_and_others_do_not():
+    def branched(i: int, pixel: float, prefix: list[int]) -> Example:
+        ids = torch.tensor([IMAGE_TOKEN_INDEX, *prefix, 10 + i, 20 + i, 30 + i])
+        labels = torch.tensor([IGNORE_INDEX] * (len(prefix) + 2) + [20 + i, 30 + i])
+        return Example(ids, labels, [torch.full((3, 16, 16), pixel)], [5], index=i, id=f"b{i}",
+                       branch_ids=torch.tensor([0] * (len(prefix) + 1) + [1, 1, 1]))
+
+    same = [branched(0, 1.0, [7, 8]), branched(1, 1.0, [7, 8]), branched(2, 1.0, [7, 8])]
+    batch = collate_padded([*same, branched(3, 2.0, [7, 8]), branched(4, 1.0, [7, 9])], PAD)
+    assert batch["input_ids"].shape[0] == 3 and len(batch["images"]) == 3  # the three blanks share a row
+    row = batch["input_ids"][0].tolist()
+    assert row == [IMAGE_TOKEN_INDEX, 7, 8, 10, 20, 30, 11, 21, 31, 12, 22, 32]
+    assert batch["branch_ids"][0].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert batch["labels"][0].tolist() == [IGNORE_INDEX] * 4 + [20, 30, IGNORE_INDEX, 21, 31, IGNORE_INDEX, 22, 32]

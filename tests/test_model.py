@@ -210,6 +210,55 @@ def test_packing_gives_same_loss_as_separate_rows():
     torch.testing.assert_close(packed.logits[0, -4:], sep_b.logits[0], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_shared_prefix_branches_equal_separate_samples(version):
+    """One row "prefix + branch 1 + branch 2" gives each branch the logits, loss and gradients
+    it has as its own sample "prefix + branch"; branches never see each other."""
+    model = tiny_model(version).train()
+    s = model.config.token_stride
+    prefix = torch.tensor([3, IMG, 4])
+    b1, b2 = torch.tensor([5, 6, 7]), torch.tensor([8, 9, 10, 11])
+    lab = lambda t: torch.cat([torch.tensor([IGNORE_INDEX]), t[1:]])  # noqa: E731  first branch token: never a target
+    ignore = torch.full_like(prefix, IGNORE_INDEX)
+    imgs = [image(s, 2 * s)]
+    n_vis = model.model.encode_images(imgs).lengths[0]
+    sep = [model(torch.cat([prefix, b])[None], images=imgs, labels=torch.cat([ignore, lab(b)])[None]) for b in (b1, b2)]
+    row = torch.cat([prefix, b1, b2])[None]
+    branches = torch.tensor([[0] * 3 + [1] * 3 + [2] * 4])
+    joint = model(row, images=imgs, labels=torch.cat([ignore, lab(b1), lab(b2)])[None], branch_ids=branches)
+    assert joint.num_label_tokens == sep[0].num_label_tokens + sep[1].num_label_tokens
+    torch.testing.assert_close(joint.lm_loss_sum, sep[0].lm_loss_sum + sep[1].lm_loss_sum, rtol=1e-5, atol=1e-5)
+    p_len = 2 + n_vis  # spliced prefix
+    torch.testing.assert_close(joint.logits[0, : p_len + 3], sep[0].logits[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(joint.logits[0, p_len + 3 :], sep[1].logits[0, p_len:], rtol=1e-4, atol=1e-5)
+    joint.lm_loss_sum.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    (sep[0].lm_loss_sum + sep[1].lm_loss_sum).backward()
+    for n, p in model.named_parameters():
+        if n in grads:
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-3, atol=1e-5)
+
+
+def test_branches_inside_packed_segments_and_bad_layouts():
+    model = tiny_model("v1").eval()
+    s = model.config.token_stride
+    a = torch.tensor([3, IMG, 4, 5, 6, 7, 8])
+    a_br = torch.tensor([0, 0, 1, 1, 2, 2, 2])
+    c = torch.tensor([9, 10, 11])
+    imgs = [image(s, s)]
+    alone = model(a[None], images=imgs, branch_ids=a_br[None]).logits
+    other = model(c[None]).logits
+    packed = model(torch.cat([c, a])[None], images=imgs, segment_ids=torch.tensor([[1] * 3 + [2] * 7]),
+                   branch_ids=torch.cat([torch.zeros(3, dtype=torch.long), a_br])[None]).logits
+    torch.testing.assert_close(packed[0, :3], other[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(packed[0, 3:], alone[0], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="must come before"):
+        model(a[None], images=imgs, branch_ids=torch.tensor([[0, 0, 1, 0, 2, 2, 2]]))
+    with pytest.raises(ValueError, match="KV cache"):
+        model(a[None], images=imgs, branch_ids=a_br[None], use_cache=True)
+
+
 def test_gradient_checkpointing_same_gradients():
     model = tiny_model("v2").train()
     s = model.config.token_stride

@@ -12,6 +12,7 @@ from PIL import Image
 
 from eve_vlm.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from eve_vlm.processing import (
+    encode_independent_turns,
     ConversationError,
     EveImageConfig,
     EveImageProcessor,
@@ -350,3 +351,46 @@ def test_processor_from_checkpoint_without_processor_files(tmp_path: Path) -> No
     assert proc.image_processor.config.image_size == 1344
     with pytest.raises(ValueError, match="no tokenizer"):
         proc("hello")
+
+
+# ------------------------------------------------------------------------------ independent turns
+
+
+THREE_QUESTIONS = [
+    {"from": "human", "value": "<image>\nWhat is in the image?"},
+    {"from": "gpt", "value": "A cat."},
+    {"from": "human", "value": "What color is it?"},
+    {"from": "gpt", "value": "It is red."},
+    {"from": "human", "value": "Is it big?"},
+    {"from": "gpt", "value": "No."},
+]
+
+
+@pytest.mark.parametrize("template", ["chatml", "vicuna_v1"])
+def test_independent_turns_are_single_turn_samples_sharing_a_prefix(tok, template) -> None:
+    ids, labels, branches = encode_independent_turns(THREE_QUESTIONS, tok, template, num_images=1)
+    assert len(ids) == len(labels) == len(branches)
+    shared = branches.index(1)
+    assert set(branches[:shared]) == {0} and IMAGE_TOKEN_INDEX in ids[:shared]
+    for k in range(3):
+        q, a = THREE_QUESTIONS[2 * k : 2 * k + 2]
+        user = dict(q, value=("" if k == 0 else "<image>\n") + q["value"])
+        single_ids, single_labels = encode_conversation([user, a], tok, template, num_images=1)
+        span = [i for i, b in enumerate(branches) if b == k + 1]
+        assert span == list(range(span[0], span[-1] + 1))  # branches are contiguous, in order
+        end = max(i for i, t in enumerate(single_labels) if t != IGNORE_INDEX) + 1  # unsupervised tail dropped
+        assert ids[:shared] + [ids[i] for i in span] == single_ids[:end]
+        assert labels[:shared] + [labels[i] for i in span] == single_labels[:end]
+        assert labels[span[0]] == IGNORE_INDEX  # a branch starts unsupervised: its first token is never a target
+
+
+def test_independent_turns_single_pair_and_errors(tok) -> None:
+    ids, labels, branches = encode_independent_turns(THREE_QUESTIONS[:2], tok, "chatml", num_images=1)
+    single_ids, single_labels = encode_conversation(THREE_QUESTIONS[:2], tok, "chatml", num_images=1)
+    assert ids == single_ids[: len(ids)] and labels == single_labels[: len(ids)]
+    assert labels[branches.index(1)] == IGNORE_INDEX
+    with pytest.raises(ConversationError, match="first user turn"):
+        encode_independent_turns([*THREE_QUESTIONS[:2], {"from": "human", "value": "<image>\nAnd this?"},
+                                  {"from": "gpt", "value": "A dog."}], tok, "chatml")
+    with pytest.raises(ConversationError, match="alternating"):
+        encode_independent_turns(THREE_QUESTIONS[:3], tok, "chatml")

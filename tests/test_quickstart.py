@@ -44,7 +44,7 @@ def test_reduced_quickstart(tmp_path, all_cores):
     from eve_vlm.quickstart.run import STAGES, _recipe
 
     assert saved["steps"] == {s: _recipe(s, cfg, []).max_steps for s in STAGES}
-    assert saved["questions_per_sample"] == 1
+    assert saved["questions_per_sample"] == 16 and saved["stage3_turns"] == "independent"
     assert saved["patch_activation"] == "gelu"
     # The image is used: colour + shape beat the blank-image model by a clear margin (at the full
     # default budget: 93.9% vs 29.2%; chance is 12.5% / 33%).
@@ -125,20 +125,34 @@ def test_a_gpu_fits_more_steps_into_the_same_budget(monkeypatch):
     assert gpu == {s: round(cpu[s] * GPU_STEPS_FACTOR[s]) for s in STAGES}
 
 
-def test_stage3_samples_ask_one_question_each_by_default(tmp_path):
-    """Several questions in one sample would let later answers be read off earlier ones."""
-    from eve_vlm.quickstart.easy_vqa_data import load_easy_vqa
-    from eve_vlm.quickstart.run import QuickstartConfig, write_data
+def test_stage3_samples_group_an_images_questions_as_independent_turns(tmp_path):
+    """Up to 16 questions about one image per record, trained as independent single-turn samples
+    sharing the image prefix (as a dialogue, later answers could be read off earlier ones)."""
+    from collections import Counter
 
+    from eve_vlm.quickstart.easy_vqa_data import load_easy_vqa
+    from eve_vlm.quickstart.run import QuickstartConfig, _recipe, write_data
+
+    train = load_easy_vqa("train")
     paths = write_data(tmp_path, QuickstartConfig())
     records = [json.loads(line) for line in paths["qa"].read_text().splitlines()]
-    assert len(records) == len(load_easy_vqa("train").questions)
-    assert all(len(r["conversations"]) == 2 and r["conversations"][0]["value"].startswith("<image>\n") for r in records)
+    per_image = Counter(q.image_id for q in train.questions)
+    assert len(records) == sum(-(-n // 16) for n in per_image.values())
+    assert sum(len(r["conversations"]) // 2 for r in records) == len(train.questions)
+    sizes = Counter(r["image"] for r in records)
+    assert max(len(r["conversations"]) // 2 for r in records) <= 16 and len(sizes) == len(per_image)
+    assert all(r["conversations"][0]["value"].startswith("<image>\n") for r in records)
+    assert all("<image>" not in t["value"] for r in records for t in r["conversations"][1:])
+    blind = [json.loads(line) for line in paths["qa_blind"].read_text().splitlines()]
+    assert {r["image"] for r in blind} == {str(tmp_path / "blank.png")} and len(blind) == len(records)
+    assert _recipe("3_sft", QuickstartConfig(), []).data.independent_turns
+    assert not _recipe("3_sft", QuickstartConfig(stage3_turns="dialogue"), []).data.independent_turns
     with pytest.raises(ValueError, match="questions_per_sample"):
         QuickstartConfig(questions_per_sample=0)
-    grouped = write_data(tmp_path / "g", QuickstartConfig(questions_per_sample=4))
-    first = json.loads(grouped["qa"].read_text().splitlines()[0])
-    assert 2 < len(first["conversations"]) <= 8
+    with pytest.raises(ValueError, match="stage3_turns"):
+        QuickstartConfig(stage3_turns="chat")
+    single = write_data(tmp_path / "one", QuickstartConfig(questions_per_sample=1))
+    assert sum(1 for _ in single["qa"].open()) == len(train.questions)
 
 
 def test_frozen_embedding_recipe_keeps_the_tied_head_fixed():

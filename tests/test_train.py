@@ -347,6 +347,51 @@ def test_packed_batch_gives_the_same_loss_and_gradients_as_padded(run_stage, tmp
         torch.testing.assert_close(packed_grads[name], padded_grads[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_independent_turns_train_like_separate_single_turn_records(run_stage, tmp_path: Path) -> None:
+    """data.independent_turns: a record's questions share the image prefix in one row and give
+    the loss and gradients of the same questions as separate single-turn records."""
+    final = run_stage("eve_v1/3_sft").out / "final"
+    processor = EveProcessor.from_pretrained(final)
+    (tmp_path / "images").mkdir()
+    grouped, single = [], []
+    for i, (color, shape) in enumerate([("red", "circle"), ("blue", "square")]):
+        draw_shape(color, shape, seed=i).save(tmp_path / f"images/{i}.png")
+        qa = [("What color is the shape?", color), ("Is there a circle?", "yes" if shape == "circle" else "no"),
+              ("What shape is it?", shape)]
+        turns = []
+        for k, (q, a) in enumerate(qa):
+            turns += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + q}, {"from": "gpt", "value": a}]
+            single.append({"id": f"{i}-{k}", "image": f"images/{i}.png",
+                           "conversations": [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]})
+        grouped.append({"id": str(i), "image": f"images/{i}.png", "conversations": turns})
+
+    def batch(records: list[dict], independent: bool) -> dict[str, Any]:
+        path = tmp_path / f"r{len(records)}.jsonl"
+        path.write_text("".join(json.dumps(x) + "\n" for x in records))
+        source = open_records(str(path), ReaderConfig(shuffle=False))
+        examples = list(EveDataset(source, processor, DataConfig(max_length=512, independent_turns=independent)))
+        return collate_padded(examples, processor.pad_token_id)
+
+    def loss_and_grads(b: dict[str, Any]) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
+        model = EveForCausalLM.from_pretrained(final)
+        keys = ("input_ids", "attention_mask", "labels", "branch_ids")
+        out = model(images=b["images"], **{k: b[k] for k in keys if k in b})
+        out.lm_loss_sum.backward()
+        return out.lm_loss_sum.detach(), out.num_label_tokens, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    rows, apart = batch(grouped, True), batch(single, False)
+    assert rows["input_ids"].shape[0] == 2 and rows["branch_ids"].max() == 3
+    assert rows["attention_mask"].sum() < apart["attention_mask"].sum()  # the image is paid once per record
+    joint, n_joint, g_joint = loss_and_grads(rows)
+    ref, n_ref, g_ref = loss_and_grads(apart)
+    assert n_joint == n_ref
+    torch.testing.assert_close(joint, ref, rtol=1e-5, atol=1e-4)
+    for name in g_ref:
+        torch.testing.assert_close(g_joint[name], g_ref[name], rtol=1e-4, atol=1e-5, msg=name)
+    dialogue = loss_and_grads(batch(grouped, False))[0]  # as a dialogue later turns see earlier answers
+    assert not torch.allclose(dialogue, ref, rtol=1e-3)
+
+
 def test_loss_is_averaged_per_token_across_accumulation(tmp_path: Path) -> None:
     """Global batch 8 as 2 micro-batches of 4 or 1 of 8: same loss and same update."""
     runs = []

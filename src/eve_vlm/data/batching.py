@@ -11,6 +11,8 @@ Batch format (what the model consumes)::
     labels         LongTensor [B, T]  IGNORE_INDEX on padding
     attention_mask LongTensor [B, T]  1 = real token
     segment_ids    LongTensor [B, T]  packed batches only: 1, 2, ... per sample in a row, 0 = pad
+    branch_ids     LongTensor [B, T]  only when an example has independent turns: 0 = shared
+                                      prefix (and plain samples, padding), k = turn k
     images         list[Tensor[3,H,W]] in placeholder order (row-major, then left to right)
     teacher_pixels [N, 3, S, S], teacher_masks [N, g, g]  only when examples carry teacher inputs
 
@@ -21,6 +23,7 @@ sample's last token. Padded and packed batches therefore carry exactly the same 
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -56,6 +59,18 @@ def _images_and_teacher(examples: Sequence[Example]) -> dict[str, object]:
     return out
 
 
+def _branches(examples: Sequence[Example]) -> list[Tensor] | None:
+    """Branch ids per example (zeros for plain ones), or None when no example has branches."""
+    if all(ex.branch_ids is None for ex in examples):
+        return None
+    return [torch.zeros_like(ex.input_ids) if ex.branch_ids is None else ex.branch_ids for ex in examples]
+
+
+def _padded_ids(rows: list[Tensor], width: int) -> Tensor:
+    out = pad_sequence(rows, batch_first=True, padding_value=0)
+    return torch.nn.functional.pad(out, (0, width - out.shape[1]), value=0)
+
+
 def _round_up(n: int, multiple: int | None) -> int:
     return n if not multiple else -(-n // multiple) * multiple
 
@@ -74,14 +89,59 @@ def _pad_rows(ids: list[Tensor], labels: list[Tensor], pad_id: int, multiple: in
     return {"input_ids": ids_b, "labels": lab_b, "attention_mask": mask}
 
 
+def merge_shared_prefixes(examples: Sequence[Example]) -> list[Example]:
+    """Examples with independent turns whose shared prefixes are identical (same ids, same image
+    pixels) become one row: the prefix once, then every branch, renumbered.
+
+    Why: this is exact (each branch still sees only the prefix and itself) and it is what makes a
+    blind baseline cheap, where every record shows the same blank image. Examples without
+    branches, or with teacher inputs, pass through unchanged.
+    """
+    groups: dict[tuple, list[Example]] = {}
+    out: list[Example | tuple] = []
+    for ex in examples:
+        if ex.branch_ids is None or ex.teacher_pixels is not None:
+            out.append(ex)
+            continue
+        key = (tuple(ex.input_ids[ex.branch_ids == 0].tolist()),
+               tuple(hashlib.sha1(im.contiguous().numpy().tobytes()).hexdigest() for im in ex.images))
+        if key not in groups:
+            groups[key] = []
+            out.append(key)
+        groups[key].append(ex)
+    return [item if isinstance(item, Example) else _merge(groups[item]) for item in out]
+
+
+def _merge(group: list[Example]) -> Example:
+    if len(group) == 1:
+        return group[0]
+    first = group[0]
+    prefix = first.branch_ids == 0  # type: ignore[operator]
+    ids, labels, branches = [first.input_ids[prefix]], [first.labels[prefix]], [first.branch_ids[prefix]]  # type: ignore[index]
+    offset = 0
+    for ex in group:
+        own = ex.branch_ids != 0  # type: ignore[operator]
+        ids.append(ex.input_ids[own])
+        labels.append(ex.labels[own])
+        branches.append(ex.branch_ids[own] + offset)  # type: ignore[index]
+        offset += int(ex.branch_ids.max())  # type: ignore[union-attr]
+    return Example(torch.cat(ids), torch.cat(labels), first.images, first.image_tokens,
+                   index=first.index, id="+".join(ex.id for ex in group), branch_ids=torch.cat(branches))
+
+
 def collate_padded(examples: Sequence[Example], pad_id: int, pad_to_multiple_of: int | None = None
                    ) -> dict[str, object]:
-    """One example per row, right-padded to the longest text (the model pads after splicing)."""
+    """One example per row, right-padded to the longest text (the model pads after splicing);
+    examples whose independent turns share an identical prefix share one row."""
     if not examples:
         raise ValueError("cannot collate an empty batch")
+    examples = merge_shared_prefixes(examples)
     batch: dict[str, object] = dict(_pad_rows([ex.input_ids for ex in examples],
                                               [_sample_labels(ex) for ex in examples],
                                               pad_id, pad_to_multiple_of))
+    branches = _branches(examples)
+    if branches is not None:
+        batch["branch_ids"] = _padded_ids(branches, batch["input_ids"].shape[1])  # type: ignore[union-attr]
     batch.update(_images_and_teacher(examples))
     return batch
 
@@ -98,8 +158,11 @@ def collate_packed(rows: Sequence[Sequence[Example]], pad_id: int, pad_to_multip
             for row in rows]
     batch: dict[str, object] = dict(_pad_rows(ids, labels, pad_id, pad_to_multiple_of))
     T = batch["input_ids"].shape[1]  # type: ignore[union-attr]
-    seg_b = pad_sequence(segs, batch_first=True, padding_value=0)
-    batch["segment_ids"] = torch.nn.functional.pad(seg_b, (0, T - seg_b.shape[1]), value=0)
+    batch["segment_ids"] = _padded_ids(segs, T)
+    branches = _branches([ex for row in rows for ex in row])
+    if branches is not None:
+        it = iter(branches)
+        batch["branch_ids"] = _padded_ids([torch.cat([next(it) for _ in row]) for row in rows], T)
     batch.update(_images_and_teacher([ex for row in rows for ex in row]))
     return batch
 

@@ -97,6 +97,7 @@ class Example:
     teacher_masks: list[Tensor] | None = None
     index: int = -1  # the record's position in its split's stream
     id: str = ""
+    branch_ids: Tensor | None = None  # long [L]: 0 = shared prefix, k = k-th independent turn
 
     @property
     def spliced_length(self) -> int:
@@ -122,6 +123,9 @@ class DataConfig:
     template: str | None = None  # default: the processor's template ("plain" for captions)
     caption_template: str = "plain"
     training_resize: bool | None = None  # v2: True = official training resize; None = config's mode
+    # Train each (question, answer) pair of a conversation as its own single-turn sample about the
+    # record's image, all in one row sharing the image prefix (no answer leaks between turns).
+    independent_turns: bool = False
 
 
 def truncate(input_ids: Tensor, labels: Tensor, image_tokens: list[int], max_length: int
@@ -176,7 +180,8 @@ def _load_images(record: Record, max_pixels: int | None) -> list[Any]:
     return out
 
 
-def _encode_text(record: Record, processor: Any, config: DataConfig) -> tuple[list[int], list[int]]:
+def _encode_text(record: Record, processor: Any, config: DataConfig
+                 ) -> tuple[list[int], list[int], list[int] | None]:
     from ..processing import tokenization as tok
 
     n_images = len(record.images)
@@ -186,8 +191,8 @@ def _encode_text(record: Record, processor: Any, config: DataConfig) -> tuple[li
         if n_images > 1:
             raise SkipRecord("placeholder_mismatch", f"{record.id}: caption pair with {n_images} images")
         try:
-            return tok.encode_caption(record.caption, processor.tokenizer,
-                                      template=config.caption_template, num_images=n_images)
+            return (*tok.encode_caption(record.caption, processor.tokenizer,
+                                        template=config.caption_template, num_images=n_images), None)
         except ValueError as e:
             raise SkipRecord("empty_caption", f"{record.id}: {e}") from e
     messages = record.messages or []
@@ -197,9 +202,11 @@ def _encode_text(record: Record, processor: Any, config: DataConfig) -> tuple[li
     if n_ph != n_images:
         raise SkipRecord("placeholder_mismatch",
                          f"{record.id}: {n_ph} '{IMAGE_PLACEHOLDER}' for {n_images} images")
+    template = config.template or processor.template
     try:
-        return tok.encode_conversation(messages, processor.tokenizer,
-                                       config.template or processor.template, num_images=n_images)
+        if config.independent_turns:
+            return tok.encode_independent_turns(messages, processor.tokenizer, template, num_images=n_images)
+        return (*tok.encode_conversation(messages, processor.tokenizer, template, num_images=n_images), None)
     except ValueError as e:  # ConversationError: malformed turns, roles, placement
         msg = str(e).lower()
         reason = ("no_assistant_turn" if "no assistant turn" in msg
@@ -213,7 +220,7 @@ def encode_record(record: Record, processor: Any, config: DataConfig,
     """Encode one record (text first, so a broken text costs no image decode); SkipRecord if not."""
     if record.error is not None:
         raise SkipRecord(record.error, record.id)
-    ids_list, labels_list = _encode_text(record, processor, config)
+    ids_list, labels_list, branch_list = _encode_text(record, processor, config)
     input_ids = torch.tensor(ids_list, dtype=torch.long)
     labels = torch.tensor(labels_list, dtype=torch.long)
     n_img = int((input_ids == IMAGE_TOKEN_INDEX).sum())
@@ -224,6 +231,7 @@ def encode_record(record: Record, processor: Any, config: DataConfig,
     pixels = list(processor.image_processor(pils, training=config.training_resize)) if pils else []
     image_tokens = [_image_token_count(processor, p) for p in pixels]
     input_ids, labels, kept = truncate(input_ids, labels, image_tokens, config.max_length)
+    branch_ids = None if branch_list is None else torch.tensor(branch_list[: input_ids.numel()], dtype=torch.long)
     if not bool((labels != IGNORE_INDEX).any()):
         raise SkipRecord(NO_LABELS_AFTER_TRUNCATION, record.id)
     if kept < len(pixels):
@@ -233,7 +241,7 @@ def encode_record(record: Record, processor: Any, config: DataConfig,
         pairs = [teacher_fn(im) for im in pils[:kept]]
         t_pix, t_mask = [p for p, _ in pairs], [m for _, m in pairs]
     return Example(input_ids, labels, pixels[:kept], image_tokens[:kept], t_pix, t_mask,
-                   index=record.index, id=record.id)
+                   index=record.index, id=record.id, branch_ids=branch_ids)
 
 
 def teacher_fn_from_processor(processor: Any, **kwargs: Any) -> TeacherFn:

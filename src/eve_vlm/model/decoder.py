@@ -300,16 +300,18 @@ def build_attention_mask(
     query_valid: Tensor,
     past_valid: Tensor | None,
     segment_ids: Tensor | None,
+    branch_ids: Tensor | None = None,
 ) -> tuple[Tensor | None, bool]:
     """Boolean SDPA mask [B, 1, Lq, Lk] (True = attend) and whether plain `is_causal` suffices.
 
     Keys are the cached keys followed by the new ones. A query attends to earlier valid keys of
-    its own segment (packing) and always to itself, so padding rows never produce NaN.
+    its own segment (packing) and, with `branch_ids`, only to the shared prefix (0) and its own
+    branch; always to itself, so padding rows never produce NaN.
     """
     b, lq = query_valid.shape
     lp = 0 if past_valid is None else past_valid.shape[1]
     all_valid = bool(query_valid.all()) and (past_valid is None or bool(past_valid.all()))
-    if segment_ids is None and all_valid:
+    if segment_ids is None and branch_ids is None and all_valid:
         if lp == 0:
             return None, lq > 1
         if lq == 1:
@@ -323,6 +325,10 @@ def build_attention_mask(
         if lp:
             raise ValueError("packed sequences (segment_ids) cannot be combined with a KV cache")
         mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    if branch_ids is not None:
+        if lp:
+            raise ValueError("shared-prefix branches (branch_ids) cannot be combined with a KV cache")
+        mask = mask & ((branch_ids[:, None, :] == 0) | (branch_ids[:, :, None] == branch_ids[:, None, :]))
     mask = mask | (k_pos == q_pos)[None]
     return mask.view(b, 1, lq, lp + lq), False
 
@@ -347,6 +353,7 @@ class Decoder(nn.Module):
         *,
         visual_mask: Tensor | None = None,
         segment_ids: Tensor | None = None,
+        branch_ids: Tensor | None = None,
         cache: KVCache | None = None,
         collect: frozenset[int] = frozenset(),
     ) -> tuple[Tensor, dict[int, Tensor]]:
@@ -356,7 +363,7 @@ class Decoder(nn.Module):
         k, num_layers = after the final norm. Only the requested ones are kept (spec §9 item 16).
         """
         past_valid = None if cache is None else cache.valid
-        attn_mask, is_causal = build_attention_mask(query_valid, past_valid, segment_ids)
+        attn_mask, is_causal = build_attention_mask(query_valid, past_valid, segment_ids, branch_ids)
         cos, sin = self.rotary_emb(positions, embeds.dtype)
         if cache is not None:
             cache.begin(query_valid)

@@ -51,9 +51,10 @@ class Spliced:
     embeds: Tensor  # [B, L, D]
     valid: Tensor  # [B, L] bool: real tokens
     visual_mask: Tensor  # [B, L] bool
-    positions: Tensor  # [B, L] RoPE positions (restart per packed segment)
+    positions: Tensor  # [B, L] RoPE positions (restart per packed segment and per branch)
     labels: Tensor | None  # [B, L]
     segments: Tensor | None  # [B, L] packed-sample ids, only when packing
+    branches: Tensor | None  # [B, L] 0 = shared prefix, k = k-th branch; only with branch_ids
     image_starts: Tensor  # [n_images] flat index (into B*L) of each image's CLS token
 
 
@@ -152,6 +153,7 @@ class EveForCausalLM(nn.Module):
         labels: Tensor | None = None,
         segment_ids: Tensor | None = None,
         padding_side: str = "right",
+        branch_ids: Tensor | None = None,
     ) -> Spliced:
         """Replace every IMAGE_TOKEN_INDEX by its image's tokens with tensor ops (no per-sample loop).
 
@@ -202,12 +204,13 @@ class EveForCausalLM(nn.Module):
             out_labels = out_labels.view(b, total)
         segments = out_valid.long()
         if segment_ids is not None:
-            segments = torch.zeros(b * total, dtype=torch.long, device=device)
-            segments[text_pos] = segment_ids[text].long()
-            if n_img:
-                segments[img_pos] = torch.repeat_interleave(segment_ids[is_img].long(), lens)
+            segments = self._spread(segment_ids, text, text_pos, is_img, img_pos if n_img else None, lens, b * total)
         segments = segments.view(b, total)
-        positions = _positions_within_segments(segments)
+        branches = None
+        if branch_ids is not None:
+            branches = self._spread(branch_ids, text, text_pos, is_img, img_pos if n_img else None, lens, b * total)
+            branches = branches.view(b, total)
+        positions = token_positions(segments, branches, out_valid.view(b, total))
         return Spliced(
             embeds=embeds.view(b, total, d),
             valid=out_valid.view(b, total),
@@ -215,8 +218,19 @@ class EveForCausalLM(nn.Module):
             positions=positions,
             labels=out_labels,
             segments=segments if segment_ids is not None else None,
+            branches=branches,
             image_starts=image_starts,
         )
+
+    @staticmethod
+    def _spread(ids: Tensor, text: Tensor, text_pos: Tensor, is_img: Tensor, img_pos: Tensor | None,
+                lens: Tensor, size: int) -> Tensor:
+        """Per-token ids of the input layout moved to the spliced layout (an image's id on all its tokens)."""
+        out = torch.zeros(size, dtype=torch.long, device=ids.device)
+        out[text_pos] = ids[text].long()
+        if img_pos is not None:
+            out[img_pos] = torch.repeat_interleave(ids[is_img].long(), lens)
+        return out
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -233,16 +247,23 @@ class EveForCausalLM(nn.Module):
         padding_side: str = "right",
         return_logits: bool = True,
         logits_to_keep: int = 0,
+        branch_ids: Tensor | None = None,
     ) -> EveOutput:
         """Logits and losses for a batch of text with `<image>` placeholders.
 
         `images` holds one tensor per placeholder, in row-major placeholder order. `segment_ids`
-        marks packed samples (attention and positions stay inside each). With `use_cache` or a
-        `past_key_values`, the returned cache continues generation (`logits_to_keep=1` for a prefill).
+        marks packed samples (attention and positions stay inside each). `branch_ids` marks
+        continuations that share a prefix (0 = the shared prefix, k = branch k, one after another):
+        each branch sees the prefix and itself, never another branch, and its positions continue
+        from the prefix, so one row trains several questions about one image exactly as separate
+        samples would. With `use_cache` or a `past_key_values`, the returned cache continues
+        generation (`logits_to_keep=1` for a prefill).
         """
         pixel_list = self.prepare_images(images)
         vision = self.model.encode_images(pixel_list) if pixel_list else None
-        sp = self.splice(input_ids, vision, attention_mask, labels, segment_ids, padding_side)
+        sp = self.splice(input_ids, vision, attention_mask, labels, segment_ids, padding_side, branch_ids)
+        if sp.branches is not None and (past_key_values is not None or use_cache):
+            raise ValueError("branch_ids (shared-prefix training rows) cannot be combined with a KV cache")
         cache = past_key_values
         positions = sp.positions
         if cache is not None and cache.next_position is not None:
@@ -264,6 +285,7 @@ class EveForCausalLM(nn.Module):
             sp.valid,
             visual_mask=sp.visual_mask if self.config.modality_experts else None,
             segment_ids=sp.segments,
+            branch_ids=sp.branches,
             cache=cache,
             collect=collect,
         )
@@ -286,6 +308,8 @@ class EveForCausalLM(nn.Module):
         targets = sp.labels[:, 1:]  # type: ignore[index]
         if sp.segments is not None:  # never predict across packed samples
             targets = targets.masked_fill(sp.segments[:, 1:] != sp.segments[:, :-1], IGNORE_INDEX)
+        if sp.branches is not None:  # nor across branches (a branch's first token is never a target)
+            targets = targets.masked_fill(sp.branches[:, 1:] != sp.branches[:, :-1], IGNORE_INDEX)
         selected = targets != IGNORE_INDEX
         n = int(selected.sum())
         if out.logits is not None and out.logits.shape[1] == hidden.shape[1]:
@@ -394,11 +418,33 @@ class EveForCausalLM(nn.Module):
         return total
 
 
-def _positions_within_segments(segments: Tensor) -> Tensor:
-    """0, 1, 2, ... restarting wherever the segment id changes along each row."""
+def _run_starts(change: Tensor) -> Tensor:
+    """Index of the first token of each token's run (`change` marks where a run begins)."""
+    idx = torch.arange(change.shape[1], device=change.device).expand_as(change)
+    return torch.where(change, idx, torch.zeros_like(idx)).cummax(dim=1).values
+
+
+def token_positions(segments: Tensor, branches: Tensor | None = None, valid: Tensor | None = None) -> Tensor:
+    """RoPE positions: 0, 1, 2, ... restarting at each packed segment; with `branches`, every
+    branch continues from the end of its segment's shared prefix (branch 0), as if it followed the
+    prefix alone. The prefix must come first in its segment (ValueError otherwise)."""
     b, n = segments.shape
     idx = torch.arange(n, device=segments.device).expand(b, n)
-    change = torch.ones_like(segments, dtype=torch.bool)
-    change[:, 1:] = segments[:, 1:] != segments[:, :-1]
-    starts = torch.where(change, idx, torch.zeros_like(idx)).cummax(dim=1).values
-    return idx - starts
+    seg_change = torch.ones_like(segments, dtype=torch.bool)
+    seg_change[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    if branches is None:
+        return idx - _run_starts(seg_change)
+    change = seg_change.clone()
+    change[:, 1:] |= branches[:, 1:] != branches[:, :-1]
+    within_run = idx - _run_starts(change)
+    seg_start = _run_starts(seg_change)
+
+    def count_in_segment(flags: Tensor) -> Tensor:  # flags seen so far in the token's segment, inclusive
+        c = flags.long().cumsum(1)
+        return c - c.gather(1, seg_start) + flags.long().gather(1, seg_start)
+
+    is_prefix = branches == 0
+    real = torch.ones_like(is_prefix) if valid is None else valid
+    if bool((is_prefix & real & (count_in_segment(~is_prefix) > 0)).any()):
+        raise ValueError("branch_ids: shared-prefix tokens (0) must come before every branch of their sample")
+    return torch.where(is_prefix, within_run, count_in_segment(is_prefix) + within_run)

@@ -31,6 +31,7 @@ from .templates import (
 from .tokenization import (
     encode_caption,
     encode_conversation,
+    encode_independent_turns,
     encode_prompt,
     tokenize_with_images,
     tokenizer_adds_bos,
@@ -51,6 +52,7 @@ __all__ = [
     "default_template_for",
     "encode_caption",
     "encode_conversation",
+    "encode_independent_turns",
     "encode_prompt",
     "get_template",
     "load_image",

@@ -11,7 +11,7 @@ import weakref
 from typing import Any
 
 from ..constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX
-from .templates import ChatTemplate, ConversationError, get_template
+from .templates import ChatTemplate, ConversationError, Message, get_template, normalize_messages
 
 _ADDS_BOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -136,6 +136,58 @@ def encode_conversation(
         raise ConversationError("conversation has no assistant turn to train on")
     _check_images(segments, num_images)
     return _encode_segments(segments, tokenizer, tmpl.add_bos if add_bos is None else add_bos)
+
+
+def encode_independent_turns(
+    messages: Any,
+    tokenizer: Any,
+    template: str | ChatTemplate = "vicuna_v1",
+    *,
+    num_images: int | None = None,
+    add_bos: bool | None = None,
+) -> tuple[list[int], list[int], list[int]]:
+    """One row that trains every (user, assistant) pair of a conversation as its own single-turn
+    sample about the same image(s): ids, labels and branch ids (0 = shared prefix, k = pair k).
+
+    Why: several questions about one image are cheap to train together (the image's tokens are
+    computed once), but as a dialogue later answers can be read off earlier ones ("what colour?
+    red" ... "is it red? yes") instead of off the image. Here each pair k is encoded exactly as
+    the single-turn conversation [system, images + question k, answer k]; the rows share their
+    longest common token prefix (the model gives each branch the prefix and itself only, see
+    `EveForCausalLM.forward`). Each branch keeps at least one unsupervised token before its
+    answer (a branch's first token is never a target) and drops its unsupervised tail, which
+    nothing reads. Images must all be in the first user turn.
+    """
+    msgs = normalize_messages(messages)
+    system = msgs[:1] if msgs and msgs[0].role == "system" else []
+    turns = msgs[len(system):]
+    if len(turns) < 2 or len(turns) % 2 or any(
+        m.role != ("user" if i % 2 == 0 else "assistant") for i, m in enumerate(turns)
+    ):
+        raise ConversationError("independent turns need alternating user/assistant pairs, starting with the user")
+    if any(m.num_images for m in turns[1:]):
+        raise ConversationError(f"independent turns: every {IMAGE_PLACEHOLDER} must be in the first user turn")
+    head = (IMAGE_PLACEHOLDER + "\n") * turns[0].num_images
+    encoded = []
+    for k in range(0, len(turns), 2):
+        user = turns[k] if k == 0 else Message("user", (head + turns[k].content).strip())
+        encoded.append(encode_conversation([*system, user, turns[k + 1]], tokenizer, template,
+                                           num_images=num_images, add_bos=add_bos))
+    first = [lab.index(next(t for t in lab if t != IGNORE_INDEX)) for _, lab in encoded]
+    shared = min(first) - 1  # every branch starts with an unsupervised token
+    ids0 = encoded[0][0]
+    for ids, _ in encoded[1:]:
+        shared = min(shared, next((i for i, (a, b) in enumerate(zip(ids0, ids, strict=False)) if a != b), shared))
+    if any(count_placeholders(ids[shared:]) for ids, _ in encoded):
+        raise ConversationError("independent turns: the image placeholders must come before the first question")
+    out_ids, out_labels = list(ids0[:shared]), list(encoded[0][1][:shared])
+    branches = [0] * shared
+    for k, (ids, labels) in enumerate(encoded, start=1):
+        end = max(i for i, t in enumerate(labels) if t != IGNORE_INDEX) + 1
+        out_ids += ids[shared:end]
+        out_labels += labels[shared:end]
+        branches += [k] * (end - shared)
+    return out_ids, out_labels, branches
 
 
 def encode_prompt(

@@ -28,7 +28,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--questions-per-sample", type=int, default=None,
-        help="questions of one image per stage-3 sample (default 1: later turns would leak earlier answers)",
+        help="at most this many questions about one image per stage-3 sample",
+    )
+    p.add_argument(
+        "--stage3-turns", choices=["independent", "dialogue"], default="independent",
+        help="a sample's questions as independent single-turn samples sharing the image prefix (default) "
+        "or as one dialogue (later turns can read earlier answers)",
     )
     p.add_argument(
         "--caption-style", choices=["short", "varied"], default="short",
@@ -92,6 +97,7 @@ def _config(args: argparse.Namespace):
         overrides=tuple(args.overrides),
         short_captions=args.caption_style == "short",
         patch_activation=args.patch_activation,
+        stage3_turns=args.stage3_turns,
         **({"questions_per_sample": args.questions_per_sample} if args.questions_per_sample is not None else {}),
     )
 

@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 RECIPE_DIR = Path(__file__).resolve().parents[3] / "recipes" / "quickstart"
 STAGES = ("1_prealign", "2_pretrain", "3_sft")
+STAGE3_TURNS = ("independent", "dialogue")
 
 
 @dataclass
@@ -44,11 +45,15 @@ class QuickstartConfig:
     # changes nothing (docs/quickstart.md). "none": the official layout.
     patch_activation: str = "gelu"
     eval_questions: int = 1000
-    # Questions of one image per stage-3 sample. One: in a multi-turn sample, later yes/no answers
-    # follow from earlier answers in the text ("What colour? red" ... "Is there a red shape? yes"),
-    # so the model learns to read the conversation, not the image, and yes/no stays at the answer
-    # prior (measured: 85% yes/no with 4 per sample vs 95% with 1, at similar compute; docs/quickstart.md).
-    questions_per_sample: int = 1
+    # Questions of one image per stage-3 sample (at most; an image's questions are split evenly).
+    # "independent" turns (default): every question is its own single-turn sample, all sharing the
+    # image prefix in one row, so the image's tokens are paid once per sample instead of once per
+    # question, and nothing leaks between questions. "dialogue": one multi-turn conversation, where
+    # later yes/no answers follow from earlier answers in the text ("What colour? red" ... "Is
+    # there a red shape? yes"), so yes/no stays at the answer prior (measured: 85% yes/no with 4
+    # per sample vs 95% with 1, at similar compute; docs/quickstart.md).
+    questions_per_sample: int = 16
+    stage3_turns: str = "independent"
     blind: bool = True
     seed: int = 0
     steps_scale: float | None = None  # default: from the budget (15 min -> 1.0)
@@ -65,6 +70,8 @@ class QuickstartConfig:
     def __post_init__(self) -> None:
         if self.questions_per_sample < 1:
             raise ValueError(f"questions_per_sample must be >= 1, got {self.questions_per_sample}")
+        if self.stage3_turns not in STAGE3_TURNS:
+            raise ValueError(f"stage3_turns must be one of {STAGE3_TURNS}, got {self.stage3_turns!r}")
         if self.patch_activation not in PATCH_ACTIVATIONS:
             raise ValueError(f"patch_activation must be one of {PATCH_ACTIVATIONS}, got {self.patch_activation!r}")
         if self.budget_minutes <= 0:
@@ -86,6 +93,8 @@ def _recipe(stage: str, cfg: QuickstartConfig, overrides: list[str]):
     recipe.max_steps = max(2, int(round((recipe.max_steps or 10) * scale)))
     recipe.max_steps += int(round((cfg.extra_steps or {}).get(stage, 0) * scale))
     recipe.seed = cfg.seed
+    if stage == "3_sft":
+        recipe.data.independent_turns = cfg.stage3_turns == "independent"
     if cfg.variant == "v2":
         recipe.teacher.kind = "none"
         recipe.trainable = [g if g != "aligner" else "experts" for g in recipe.trainable]
@@ -99,11 +108,11 @@ def _recipe(stage: str, cfg: QuickstartConfig, overrides: list[str]):
 
 SHORT_CAPTION_TEMPLATES = ("A {color} {shape}.",)
 
-# How many more steps a GPU fits into the same budget than the 2-core CPU the recipe steps are set
-# for, per stage: 6.7x gives stages 2-3 the step counts at which yes/no is learned (900+ stage-3
-# steps: 96% overall on an H100). Stage 1 gets 2x (720 steps, measured: shape 92%); its CPU length
-# already teaches the patch embedding and a 6.7x longer one was never measured.
-GPU_STEPS_FACTOR: dict[str, float] = {"1_prealign": 2.0, "2_pretrain": 20.0 / 3.0, "3_sft": 20.0 / 3.0}
+# How many more steps a GPU uses in the same budget than the 2-core CPU the recipe steps are set
+# for, per stage: 720 / 1200 / 1008 steps. Stage 1 at 720 steps was measured on an H100 (shape 92%);
+# stage 2 at 1200 steps is the session-3 GPU length; stage 3's 1008 steps of ~37 questions are
+# ~37k questions, past the ~30k at which yes/no reached 96-98% (H100 and CPU, docs/quickstart.md).
+GPU_STEPS_FACTOR: dict[str, float] = {"1_prealign": 2.0, "2_pretrain": 20.0 / 3.0, "3_sft": 4.2}
 
 
 def default_steps_scale(budget_minutes: float, stage: str, cuda: bool | None = None) -> float:
@@ -131,8 +140,9 @@ def stage_overrides(overrides: tuple[str, ...] | list[str], stage: str) -> list[
 
 # ---------------------------------------------------------------------- data
 def write_data(folder: Path, cfg: QuickstartConfig) -> dict[str, Path]:
-    """Caption records (stages 1-2) and question records (stage 3, `questions_per_sample` per image
-    sample), train split only; the blind variant of the questions points every record at a blank image."""
+    """Caption records (stages 1-2) and question records (stage 3, up to `questions_per_sample`
+    about one image per record, an image's questions split evenly), train split only; the blind
+    variant of the questions points every record at a blank image."""
     from .easy_vqa_data import CAPTION_TEMPLATES, caption_records, load_easy_vqa
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -148,8 +158,8 @@ def write_data(folder: Path, cfg: QuickstartConfig) -> dict[str, Path]:
     for image_id, qs in by_image.items():
         qs = list(qs)
         rng.shuffle(qs)
-        for start in range(0, len(qs), cfg.questions_per_sample):
-            chunk = qs[start : start + cfg.questions_per_sample]
+        n_chunks = -(-len(qs) // cfg.questions_per_sample)
+        for start, chunk in enumerate(qs[k::n_chunks] for k in range(n_chunks)):
             turns = []
             for k, q in enumerate(chunk):
                 turns.append({"from": "human", "value": ("<image>\n" if k == 0 else "") + q.text})
@@ -333,6 +343,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
         "tokens_seen": tokens_seen,
         "steps": steps,
         "questions_per_sample": cfg.questions_per_sample,
+        "stage3_turns": cfg.stage3_turns,
         "patch_activation": cfg.patch_activation if cfg.variant == "v1" else "gelu (v2 built-in)",
         "llm_layers": list(cfg.keep_layers),
         "variant": cfg.variant,
@@ -396,7 +407,11 @@ def write_report(out: Path, cfg: QuickstartConfig, metrics: dict[str, Any], main
         lines.append(f"- tokens seen in {k}: {v:,}")
     lines.append(f"- recipes: {RECIPE_DIR}/{{{','.join(STAGES)}}}.yaml (steps scaled by budget {cfg.budget_minutes} min)")
     lines.append("- steps: " + ", ".join(f"{k} {v}" for k, v in metrics["steps"].items()))
-    lines.append(f"- stage-3 samples: {cfg.questions_per_sample} question(s) about one image each")
+    lines.append(
+        f"- stage-3 samples: up to {cfg.questions_per_sample} question(s) about one image each, as "
+        + ("independent single-turn samples sharing the image prefix" if cfg.stage3_turns == "independent"
+           else "one multi-turn dialogue")
+    )
     lines.append(f"- patch embedding: activation after the patch conv: {metrics['patch_activation']}")
     if cfg.overrides:
         lines.append(f"- recipe overrides: {', '.join(cfg.overrides)}")

@@ -45,6 +45,9 @@ class DataSpec:
     max_broken_fraction: float = 0.05
     shuffle: bool = True
     template: str | None = None  # conversation template (default: the processor's)
+    # each (question, answer) pair of a record is its own sample about the record's image, all
+    # sharing the image prefix in one row (data.DataConfig.independent_turns)
+    independent_turns: bool = False
     num_workers: int = 0
     generated_samples: int = 256
 

@@ -395,6 +395,7 @@ class Trainer:
             max_length=recipe.data.max_length,
             max_broken_fraction=recipe.data.max_broken_fraction,
             template=recipe.data.template,
+            independent_turns=recipe.data.independent_turns,
         )
         teacher_fn = None
         if self.teacher is not None:
@@ -547,8 +548,9 @@ class Trainer:
             "images": [im.to(dev) for im in batch.get("images", [])] or None,
             "return_logits": False,
         }
-        if "segment_ids" in batch:
-            kwargs["segment_ids"] = batch["segment_ids"].to(dev)
+        for key in ("segment_ids", "branch_ids"):
+            if key in batch:
+                kwargs[key] = batch[key].to(dev)
         if "teacher_pixels" in batch and self.teacher is not None:
             kwargs["teacher_pixels"] = batch["teacher_pixels"].to(dev)
             kwargs["teacher_masks"] = batch["teacher_masks"].to(dev)
