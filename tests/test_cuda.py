@@ -113,3 +113,30 @@ def test_tiny_stage_trains_on_cuda_in_bf16(tmp_path: Path, stage: str):
     losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, losses
+
+
+def test_shared_prefix_branches_on_cuda_equal_cpu(tiny):
+    """Independent-turn rows (boolean SDPA mask with branches) give the CPU's loss on the GPU."""
+    path, processor = tiny
+    from eve_vlm.processing import encode_independent_turns
+
+    conv = [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A red shape."},
+            {"from": "human", "value": "How many shapes?"}, {"from": "gpt", "value": "One."}]
+    ids, labels, branches = encode_independent_turns(conv, processor.tokenizer, processor.template, num_images=1)
+    pixels = processor.image_processor([processor_image(IMAGES[0])])[0]
+    inputs = {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]), "branch_ids": torch.tensor([branches])}
+    losses = []
+    for device in ("cpu", "cuda"):
+        model = EveForCausalLM.from_pretrained(path).to(device)
+        with torch.no_grad():
+            out = model(images=[pixels.to(device)], **{k: v.to(device) for k, v in inputs.items()})
+        losses.append(out.lm_loss.item())
+    assert abs(losses[0] - losses[1]) < 1e-4, losses
+
+
+def processor_image(png: bytes):
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(png)).convert("RGB")
