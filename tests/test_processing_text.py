@@ -12,13 +12,13 @@ from PIL import Image
 
 from eve_vlm.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from eve_vlm.processing import (
-    encode_independent_turns,
     ConversationError,
     EveImageConfig,
     EveImageProcessor,
     EveProcessor,
     encode_caption,
     encode_conversation,
+    encode_independent_turns,
     encode_prompt,
     get_template,
     num_image_tokens,

@@ -119,10 +119,11 @@ def test_a_gpu_fits_more_steps_into_the_same_budget(monkeypatch):
     cfg = QuickstartConfig()  # no steps_scale: from the budget and the device
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cpu = {s: _recipe(s, cfg, []).max_steps for s in STAGES}
-    assert cpu == {"1_prealign": 360, "2_pretrain": 180, "3_sft": 150}
+    assert cpu == {"1_prealign": 360, "2_pretrain": 180, "3_sft": 180}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     gpu = {s: _recipe(s, cfg, []).max_steps for s in STAGES}
     assert gpu == {s: round(cpu[s] * GPU_STEPS_FACTOR[s]) for s in STAGES}
+    assert gpu == {"1_prealign": 720, "2_pretrain": 1200, "3_sft": 1008}
 
 
 def test_stage3_samples_group_an_images_questions_as_independent_turns(tmp_path):

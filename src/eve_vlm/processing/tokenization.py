@@ -173,8 +173,10 @@ def encode_independent_turns(
         user = turns[k] if k == 0 else Message("user", (head + turns[k].content).strip())
         encoded.append(encode_conversation([*system, user, turns[k + 1]], tokenizer, template,
                                            num_images=num_images, add_bos=add_bos))
-    first = [lab.index(next(t for t in lab if t != IGNORE_INDEX)) for _, lab in encoded]
-    shared = min(first) - 1  # every branch starts with an unsupervised token
+    supervised = [[i for i, t in enumerate(labels) if t != IGNORE_INDEX] for _, labels in encoded]
+    if not all(supervised):
+        raise ConversationError("independent turns: an assistant turn has no tokens to train on")
+    shared = max(min(s[0] for s in supervised) - 1, 0)  # every branch starts with an unsupervised token
     ids0 = encoded[0][0]
     for ids, _ in encoded[1:]:
         shared = min(shared, next((i for i, (a, b) in enumerate(zip(ids0, ids, strict=False)) if a != b), shared))
@@ -182,8 +184,8 @@ def encode_independent_turns(
         raise ConversationError("independent turns: the image placeholders must come before the first question")
     out_ids, out_labels = list(ids0[:shared]), list(encoded[0][1][:shared])
     branches = [0] * shared
-    for k, (ids, labels) in enumerate(encoded, start=1):
-        end = max(i for i, t in enumerate(labels) if t != IGNORE_INDEX) + 1
+    for k, ((ids, labels), answer) in enumerate(zip(encoded, supervised, strict=True), start=1):
+        end = answer[-1] + 1
         out_ids += ids[shared:end]
         out_labels += labels[shared:end]
         branches += [k] * (end - shared)
