@@ -97,19 +97,33 @@ def merge_shared_prefixes(examples: Sequence[Example]) -> list[Example]:
     blind baseline cheap, where every record shows the same blank image. Examples without
     branches, or with teacher inputs, pass through unchanged.
     """
-    groups: dict[tuple, list[Example]] = {}
+    by_prefix: dict[tuple, list[Example]] = {}
     out: list[Example | tuple] = []
     for ex in examples:
         if ex.branch_ids is None or ex.teacher_pixels is not None:
             out.append(ex)
             continue
-        key = (tuple(ex.input_ids[ex.branch_ids == 0].tolist()),
-               tuple(hashlib.sha1(im.contiguous().numpy().tobytes()).hexdigest() for im in ex.images))
-        if key not in groups:
-            groups[key] = []
+        key = tuple(ex.input_ids[ex.branch_ids == 0].tolist())
+        if key not in by_prefix:
+            by_prefix[key] = []
             out.append(key)
-        groups[key].append(ex)
-    return [item if isinstance(item, Example) else _merge(groups[item]) for item in out]
+        by_prefix[key].append(ex)
+    merged: list[Example] = []
+    for item in out:
+        if isinstance(item, Example):
+            merged.append(item)
+            continue
+        group = by_prefix[item]
+        if len(group) == 1:  # the usual case: pixels are hashed only when prefix ids collide
+            merged.append(group[0])
+            continue
+        by_pixels: dict[tuple, list[Example]] = {}
+        for ex in group:
+            digest = tuple(hashlib.sha1(im.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+                           for im in ex.images)
+            by_pixels.setdefault(digest, []).append(ex)
+        merged.extend(_merge(same) for same in by_pixels.values())
+    return merged
 
 
 def _merge(group: list[Example]) -> Example:
