@@ -93,8 +93,8 @@ def _recipe(stage: str, cfg: QuickstartConfig, overrides: list[str]):
     recipe.max_steps = max(2, int(round((recipe.max_steps or 10) * scale)))
     recipe.max_steps += int(round((cfg.extra_steps or {}).get(stage, 0) * scale))
     recipe.seed = cfg.seed
-    if stage == "3_sft":
-        recipe.data.independent_turns = cfg.stage3_turns == "independent"
+    if stage == "3_sft" and cfg.stage3_turns == "dialogue":  # the recipe file trains independent turns
+        recipe.data.independent_turns = False
     if cfg.variant == "v2":
         recipe.teacher.kind = "none"
         recipe.trainable = [g if g != "aligner" else "experts" for g in recipe.trainable]
@@ -159,12 +159,12 @@ def write_data(folder: Path, cfg: QuickstartConfig) -> dict[str, Path]:
         qs = list(qs)
         rng.shuffle(qs)
         n_chunks = -(-len(qs) // cfg.questions_per_sample)
-        for start, chunk in enumerate(qs[k::n_chunks] for k in range(n_chunks)):
+        for part, chunk in enumerate(qs[k::n_chunks] for k in range(n_chunks)):
             turns = []
             for k, q in enumerate(chunk):
                 turns.append({"from": "human", "value": ("<image>\n" if k == 0 else "") + q.text})
                 turns.append({"from": "gpt", "value": q.answer})
-            convs.append({"id": f"qa-{image_id}-{start}", "image": str(train.image_paths[image_id]), "conversations": turns})
+            convs.append({"id": f"qa-{image_id}-{part}", "image": str(train.image_paths[image_id]), "conversations": turns})
     rng.shuffle(convs)
     paths = {"captions": folder / "captions.jsonl", "qa": folder / "qa.jsonl"}
     for key, recs in (("captions", captions), ("qa", convs)):
