@@ -38,7 +38,7 @@ run_quickstart(QuickstartConfig(**kw))
 
 
 def launch(entry: dict, out: Path, precision: str) -> subprocess.Popen:
-    kw = {"blind": False, **entry["cfg"], "out": str(out / entry["name"])}
+    kw = {"blind": False, "fit_budget": False, **entry["cfg"], "out": str(out / entry["name"])}
     kw["overrides"] = [f"precision={precision}", *kw.get("overrides", [])]
     log = (out / f"{entry['name']}.log").open("w")
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"), **entry.get("env", {}))

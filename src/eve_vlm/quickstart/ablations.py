@@ -25,7 +25,7 @@ ABLATIONS: dict[str, str] = {
 
 
 def ablation_configs(cfg: QuickstartConfig) -> dict[str, QuickstartConfig]:
-    base = replace(cfg, blind=False)
+    base = replace(cfg, blind=False, fit_budget=False)  # equal compute, whatever the wall time
     prealign_steps = _recipe("1_prealign", replace(base, steps_scale=1.0), []).max_steps
     return {
         "full": replace(base, out=cfg.out / "full"),

@@ -20,6 +20,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--budget-minutes", type=float, default=15.0,
         help="scales the training steps (15 -> the recipe steps on a CPU; on a GPU 2x them for stage 1, 6.7x for stages 2-3)",
     )
+    p.add_argument(
+        "--fixed-steps", action="store_true",
+        help="run the recipe steps even where this machine is too slow for them to fit the budget "
+        "(default: shorten stages 3 and 2 to fit)",
+    )
     p.add_argument("--eval-questions", type=int, default=1000, help="held-out questions to score (0 = all 9673)")
     p.add_argument("--layers", default="0-1,28-29", help="SmolLM2 layers kept, of 0-29 (first and last keep the head aligned)")
     p.add_argument("--no-blind", action="store_true", help="skip the blind (blank-image) baseline")
@@ -88,6 +93,7 @@ def _config(args: argparse.Namespace):
         out=args.out,
         variant=args.variant,
         budget_minutes=args.budget_minutes,
+        fit_budget=not args.fixed_steps,
         keep_layers=parse_layers(args.layers),
         eval_questions=args.eval_questions,
         blind=not args.no_blind,

@@ -57,6 +57,9 @@ class QuickstartConfig:
     blind: bool = True
     seed: int = 0
     steps_scale: float | None = None  # default: from the budget (15 min -> 1.0)
+    # Shorten stages 3 and 2 when the measured step times say the run would overrun the budget
+    # (quickstart/budget.py). False: run the recipe steps whatever the wall time (sweeps, ablations).
+    fit_budget: bool = True
     skip_stages: tuple[str, ...] = ()
     no_teacher: bool = False
     extra_steps: dict[str, int] | None = None  # stage -> steps added (ablations at equal compute)
@@ -293,10 +296,12 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     tokens_seen: dict[str, int] = {}
     steps: dict[str, int] = {}
     data_for = {"1_prealign": data["captions"], "2_pretrain": data["captions"], "3_sft": data["qa"]}
-    for stage in STAGES:
-        if stage in cfg.skip_stages:
-            continue
+    stages = [s for s in STAGES if s not in cfg.skip_stages]
+    planner = _planner(cfg, stages) if cfg.fit_budget else None
+    for stage in stages:
         recipe = _recipe(stage, cfg, [f"output_dir={out / stage}", f"data.path={data_for[stage]}"])
+        if planner is not None:
+            recipe.max_steps = planner.planned[stage]
         t = time.perf_counter()
         trainer = Trainer(recipe, model=model, processor=processor)
         result = trainer.train()
@@ -307,6 +312,9 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
         histories[stage] = result.history
         tokens_seen[stage] = trainer.tokens
         steps[stage] = recipe.max_steps
+        if planner is not None:
+            planner.record(stage, recipe.max_steps, timings[stage])
+            planner.replan(time.perf_counter() - t_start)
     final = out / "final"
     if final.exists():
         shutil.rmtree(final)
@@ -323,9 +331,12 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
         t = time.perf_counter()
         blind_model, blind_proc = build_model(llm, cfg)
         recipe = _recipe("3_sft", cfg, [f"output_dir={out / 'blind'}", f"data.path={data['qa_blind']}"])
+        recipe.max_steps = steps["3_sft"]  # the same stage 3 as the model it is a baseline for
         trainer = Trainer(recipe, model=blind_model, processor=blind_proc)
         res = trainer.train()
         histories["blind_3_sft"] = res.history
+        if planner is not None and "blind" in planner.planned:
+            planner.record("blind", recipe.max_steps, sum(h["seconds"] for h in res.history))
         blind = evaluate(trainer.model, blind_proc, cfg, blank=out / "data" / "blank.png")
         timings["blind"] = time.perf_counter() - t
 
@@ -342,6 +353,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
         "timings_seconds": {k: round(v, 1) for k, v in timings.items()},
         "tokens_seen": tokens_seen,
         "steps": steps,
+        "budget": planner.summary() if planner is not None else None,
         "questions_per_sample": cfg.questions_per_sample,
         "stage3_turns": cfg.stage3_turns,
         "patch_activation": cfg.patch_activation if cfg.variant == "v1" else "gelu (v2 built-in)",
@@ -354,6 +366,20 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     plot_stages(histories, out / "loss.png")
     write_report(out, cfg, metrics, main)
     return metrics
+
+
+def _planner(cfg: QuickstartConfig, stages: list[str]):
+    from .budget import BudgetPlanner
+
+    planned = {stage: _recipe(stage, cfg, []).max_steps for stage in stages}
+    if cfg.blind and "3_sft" in planned:
+        planned["blind"] = planned["3_sft"]
+    return BudgetPlanner(
+        budget_seconds=cfg.budget_minutes * 60,
+        steps=planned,
+        eval_questions=cfg.eval_questions or 9673,
+        evaluations=2 if cfg.blind else 1,
+    )
 
 
 def plot_stages(histories: dict[str, list[dict[str, Any]]], path: Path) -> None:
@@ -407,6 +433,13 @@ def write_report(out: Path, cfg: QuickstartConfig, metrics: dict[str, Any], main
         lines.append(f"- tokens seen in {k}: {v:,}")
     lines.append(f"- recipes: {RECIPE_DIR}/{{{','.join(STAGES)}}}.yaml (steps scaled by budget {cfg.budget_minutes} min)")
     lines.append("- steps: " + ", ".join(f"{k} {v}" for k, v in metrics["steps"].items()))
+    budget = metrics.get("budget")
+    if budget and budget["shortened"]:
+        lines.append(
+            f"- shortened to fit the budget: this machine ran at {budget['speed_factor']:.2f}x the reference step "
+            "time, so the steps became " + ", ".join(f"{k} {v}" for k, v in budget["planned_steps"].items())
+            + " (recipe: " + ", ".join(f"{k} {v}" for k, v in budget["recipe_steps"].items()) + ")"
+        )
     lines.append(
         f"- stage-3 samples: up to {cfg.questions_per_sample} question(s) about one image each, as "
         + ("independent single-turn samples sharing the image prefix" if cfg.stage3_turns == "independent"

@@ -1,0 +1,93 @@
+"""Keep `eve quickstart` inside its wall-clock budget on a machine slower than the reference.
+
+The recipe steps fill the budget on the reference 2-core CPU, but the same machine class runs
+10-45% slower on some days. After every stage the planner compares the measured seconds per step
+with the reference, predicts the rest of the run and, when it would overrun, shortens what is left:
+stage 3 first (the blind model trains the same steps, so it shrinks with it), then stage 2.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
+
+# Seconds per step of the default recipes on the reference 2-core CPU (fp32), and per evaluated
+# question; "blind" is the blind model's stage 3 (blank images).
+REFERENCE_STEP_SECONDS: dict[str, float] = {"1_prealign": 0.78, "2_pretrain": 0.96, "3_sft": 0.75, "blind": 0.72}
+REFERENCE_EVAL_SECONDS_PER_QUESTION = 0.018
+# The least of a stage's planned steps the planner keeps: below this a stage teaches too little to
+# be worth its seconds, and the run goes over its budget instead (with a warning).
+MIN_STEP_FRACTION: dict[str, float] = {"3_sft": 0.4, "2_pretrain": 0.5}
+
+
+@dataclass
+class BudgetPlanner:
+    """Plans the steps of the stages still to run so the whole run ends within `budget_seconds`."""
+
+    budget_seconds: float
+    steps: dict[str, int]  # planned steps per phase: the stages, and "blind" when the blind model runs
+    eval_questions: int
+    evaluations: int  # greedy evaluations still to run (the model and the blind model)
+    margin: float = 0.97  # aim this fraction of the budget: report, plots and copies take seconds too
+    measured: dict[str, tuple[int, float]] = field(default_factory=dict)
+    planned: dict[str, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.steps) - set(REFERENCE_STEP_SECONDS)
+        if unknown:
+            raise ValueError(f"no reference step time for {sorted(unknown)}")
+        self.planned = dict(self.steps)
+
+    def record(self, phase: str, steps: int, seconds: float) -> None:
+        """A phase finished: `steps` steps in `seconds`."""
+        self.measured[phase] = (steps, seconds)
+
+    def speed_factor(self) -> float:
+        """Measured over reference seconds of the training run so far (1.0 before any)."""
+        ref = sum(n * REFERENCE_STEP_SECONDS[p] for p, (n, _) in self.measured.items())
+        took = sum(s for _, s in self.measured.values())
+        return took / ref if ref > 0 else 1.0
+
+    def replan(self, elapsed_seconds: float) -> dict[str, int]:
+        """The steps for every phase, shortened where the rest would not fit in the budget."""
+        f = self.speed_factor()
+        todo = [p for p in self.planned if p not in self.measured]
+        available = self.budget_seconds * self.margin - elapsed_seconds
+        available -= f * self.evaluations * self.eval_questions * REFERENCE_EVAL_SECONDS_PER_QUESTION
+        cost = {p: f * self.steps[p] * REFERENCE_STEP_SECONDS[p] for p in todo}  # at the full recipe steps
+        stage3 = [p for p in ("3_sft", "blind") if p in todo]
+        c3 = sum(cost[p] for p in stage3)
+        c2 = cost.get("2_pretrain", 0.0)
+        other = sum(c for p, c in cost.items() if p not in ("3_sft", "blind", "2_pretrain"))
+        scale3 = scale2 = 1.0
+        if other + c2 + c3 > available:
+            room = available - other
+            if c3 > 0:
+                scale3 = max(MIN_STEP_FRACTION["3_sft"], min(1.0, (room - c2) / c3))
+            if c2 > 0 and c2 + c3 * scale3 > room:
+                scale2 = max(MIN_STEP_FRACTION["2_pretrain"], min(1.0, (room - c3 * scale3) / c2))
+            if other + c2 * scale2 + c3 * scale3 > available:
+                logger.warning(
+                    "the machine runs %.2fx slower than the reference: the run will exceed its %.1f-minute budget "
+                    "even at the shortest stages", f, self.budget_seconds / 60,
+                )
+        for p in todo:
+            scale = scale3 if p in ("3_sft", "blind") else scale2 if p == "2_pretrain" else 1.0
+            new = max(2, int(self.steps[p] * scale))
+            if new != self.planned[p]:
+                logger.info("budget: %s %d -> %d steps (machine at %.2fx the reference step time)", p, self.planned[p], new, f)
+            self.planned[p] = new
+        if "blind" in self.planned and "3_sft" in self.planned:  # the baseline trains the same stage 3
+            self.planned["blind"] = self.planned["3_sft"]
+        return dict(self.planned)
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "budget_seconds": self.budget_seconds,
+            "speed_factor": round(self.speed_factor(), 3),
+            "recipe_steps": dict(self.steps),
+            "planned_steps": dict(self.planned),
+            "shortened": any(self.planned[p] < self.steps[p] for p in self.steps),
+        }

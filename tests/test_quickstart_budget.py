@@ -1,0 +1,84 @@
+"""The quickstart's budget planner: shortens what is left of a run on a machine slower than the reference."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from eve_vlm.quickstart.budget import (
+    MIN_STEP_FRACTION,
+    REFERENCE_EVAL_SECONDS_PER_QUESTION,
+    REFERENCE_STEP_SECONDS,
+    BudgetPlanner,
+)
+
+RECIPE = {"1_prealign": 360, "2_pretrain": 180, "3_sft": 180, "blind": 180}
+
+
+def reference_seconds(steps: dict[str, int]) -> float:
+    return sum(n * REFERENCE_STEP_SECONDS[p] for p, n in steps.items())
+
+
+def planner(budget_minutes: float = 15.0) -> BudgetPlanner:
+    return BudgetPlanner(budget_seconds=budget_minutes * 60, steps=dict(RECIPE), eval_questions=1000, evaluations=2)
+
+
+def finish_stage1(p: BudgetPlanner, slowdown: float, setup: float = 10.0) -> float:
+    took = slowdown * RECIPE["1_prealign"] * REFERENCE_STEP_SECONDS["1_prealign"]
+    p.record("1_prealign", RECIPE["1_prealign"], took)
+    return setup + took
+
+
+def predicted_end(p: BudgetPlanner, elapsed: float, slowdown: float) -> float:
+    todo = {k: n for k, n in p.planned.items() if k not in p.measured}
+    evals = 2 * 1000 * REFERENCE_EVAL_SECONDS_PER_QUESTION
+    return elapsed + slowdown * (reference_seconds(todo) + evals)
+
+
+def test_the_reference_machine_keeps_the_recipe_steps():
+    p = planner()
+    elapsed = finish_stage1(p, 1.0)
+    assert p.speed_factor() == pytest.approx(1.0)
+    assert p.replan(elapsed) == RECIPE
+    assert not p.summary()["shortened"]
+
+
+def test_a_slow_machine_shortens_stage3_and_the_blind_model_alike_to_fit():
+    p = planner()
+    elapsed = finish_stage1(p, 1.4)
+    plan = p.replan(elapsed)
+    assert p.speed_factor() == pytest.approx(1.4)
+    assert plan["2_pretrain"] == RECIPE["2_pretrain"]  # stage 3 gives way first
+    assert plan["3_sft"] < RECIPE["3_sft"] and plan["blind"] == plan["3_sft"]
+    assert predicted_end(p, elapsed, 1.4) <= 15 * 60
+    # at the full steps it would not have fitted
+    assert elapsed + 1.4 * (reference_seconds({k: RECIPE[k] for k in ("2_pretrain", "3_sft", "blind")}) + 36) > 15 * 60
+    summary = p.summary()
+    assert summary["shortened"] and summary["recipe_steps"] == RECIPE
+
+
+def test_replanning_after_stage2_uses_its_measured_speed():
+    p = planner()
+    elapsed = finish_stage1(p, 1.0)
+    assert p.replan(elapsed) == RECIPE
+    took = 1.6 * RECIPE["2_pretrain"] * REFERENCE_STEP_SECONDS["2_pretrain"]  # stage 2 ran slow
+    p.record("2_pretrain", RECIPE["2_pretrain"], took)
+    plan = p.replan(elapsed + took)
+    assert plan["3_sft"] < RECIPE["3_sft"] and plan["blind"] == plan["3_sft"]
+    assert predicted_end(p, elapsed + took, p.speed_factor()) <= 15 * 60
+
+
+def test_a_far_too_slow_machine_keeps_the_floors_and_warns(caplog):
+    p = planner()
+    elapsed = finish_stage1(p, 3.0)
+    with caplog.at_level(logging.WARNING, logger="eve_vlm.quickstart.budget"):
+        plan = p.replan(elapsed)
+    assert plan["3_sft"] == int(RECIPE["3_sft"] * MIN_STEP_FRACTION["3_sft"])
+    assert plan["2_pretrain"] == int(RECIPE["2_pretrain"] * MIN_STEP_FRACTION["2_pretrain"])
+    assert "exceed" in caplog.text
+
+
+def test_phases_without_a_reference_time_are_rejected():
+    with pytest.raises(ValueError, match="no reference step time"):
+        BudgetPlanner(budget_seconds=60, steps={"4_rlhf": 10}, eval_questions=10, evaluations=1)
