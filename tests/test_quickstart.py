@@ -43,7 +43,8 @@ def test_reduced_quickstart(tmp_path, all_cores):
     assert metrics["eval_questions"] == 300
     from eve_vlm.quickstart.run import STAGES, _recipe
 
-    assert saved["steps"] == {s: _recipe(s, cfg, []).max_steps for s in STAGES}
+    assert saved["steps"] == {s: _recipe(s, cfg, []).max_steps for s in STAGES} or saved["budget"]["shortened"]
+    assert saved["budget"]["recipe_steps"] == {**{s: _recipe(s, cfg, []).max_steps for s in STAGES}, "blind": _recipe("3_sft", cfg, []).max_steps}
     assert saved["questions_per_sample"] == 16 and saved["stage3_turns"] == "independent"
     assert saved["patch_activation"] == "gelu"
     # The image is used: colour + shape beat the blank-image model by a clear margin (at the full
@@ -119,7 +120,7 @@ def test_a_gpu_fits_more_steps_into_the_same_budget(monkeypatch):
     cfg = QuickstartConfig()  # no steps_scale: from the budget and the device
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cpu = {s: _recipe(s, cfg, []).max_steps for s in STAGES}
-    assert cpu == {"1_prealign": 360, "2_pretrain": 180, "3_sft": 180}
+    assert cpu == {"1_prealign": 360, "2_pretrain": 180, "3_sft": 450}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     gpu = {s: _recipe(s, cfg, []).max_steps for s in STAGES}
     assert gpu == {s: round(cpu[s] * GPU_STEPS_FACTOR[s]) for s in STAGES}
@@ -159,8 +160,11 @@ def test_stage3_samples_group_an_images_questions_as_independent_turns(tmp_path)
 def test_frozen_embedding_recipe_keeps_the_tied_head_fixed():
     from eve_vlm.quickstart.run import QuickstartConfig, _recipe
 
-    for stage in ("2_pretrain", "3_sft"):
-        assert _recipe(stage, QuickstartConfig(steps_scale=1.0), []).freeze == ["model.embed_tokens.*"]
+    assert _recipe("2_pretrain", QuickstartConfig(steps_scale=1.0), []).freeze == ["model.embed_tokens.*"]
+    # stage 3 also keeps the patch embedding and the first two decoder layers as stages 1-2 left them
+    sft = _recipe("3_sft", QuickstartConfig(steps_scale=1.0), [])
+    assert sft.freeze == ["model.embed_tokens.*", "model.layers.0.*", "model.layers.1.*"]
+    assert sft.trainable == ["llm"]
 
 
 @pytest.mark.parametrize(

@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 
 logger = logging.getLogger(__name__)
 
-# Seconds per step of the default recipes on the reference 2-core CPU (fp32), and per evaluated
-# question; "blind" is the blind model's stage 3 (blank images).
-REFERENCE_STEP_SECONDS: dict[str, float] = {"1_prealign": 0.78, "2_pretrain": 0.96, "3_sft": 0.75, "blind": 0.72}
-REFERENCE_EVAL_SECONDS_PER_QUESTION = 0.018
+# Seconds per step of the default recipes on the reference 2-core CPU (fp32; stage 1 279 s and
+# stage 2 173 s in session 5; stage 3 with its first layers frozen ~0.55x the 0.72 s of a fully
+# trained step), and per evaluated question; "blind" is the blind model's stage 3 (blank images).
+REFERENCE_STEP_SECONDS: dict[str, float] = {"1_prealign": 0.78, "2_pretrain": 0.96, "3_sft": 0.40, "blind": 0.38}
+REFERENCE_EVAL_SECONDS_PER_QUESTION = 0.02
 # The least of a stage's planned steps the planner keeps: below this a stage teaches too little to
 # be worth its seconds, and the run goes over its budget instead (with a warning).
 MIN_STEP_FRACTION: dict[str, float] = {"3_sft": 0.4, "2_pretrain": 0.5}

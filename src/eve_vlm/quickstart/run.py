@@ -115,7 +115,7 @@ SHORT_CAPTION_TEMPLATES = ("A {color} {shape}.",)
 # for, per stage: 720 / 1200 / 1008 steps. Stage 1 at 720 steps was measured on an H100 (shape 92%);
 # stage 2 at 1200 steps is the session-3 GPU length; stage 3's 1008 steps of ~37 questions are
 # ~37k questions, past the ~30k at which yes/no reached 96-98% (H100 and CPU, docs/quickstart.md).
-GPU_STEPS_FACTOR: dict[str, float] = {"1_prealign": 2.0, "2_pretrain": 20.0 / 3.0, "3_sft": 5.6}
+GPU_STEPS_FACTOR: dict[str, float] = {"1_prealign": 2.0, "2_pretrain": 20.0 / 3.0, "3_sft": 1008 / 450}
 
 
 def default_steps_scale(budget_minutes: float, stage: str, cuda: bool | None = None) -> float:
