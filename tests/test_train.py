@@ -32,6 +32,7 @@ from eve_vlm.data import (
 from eve_vlm.model import EveForCausalLM
 from eve_vlm.processing import EveProcessor
 from eve_vlm.train import Recipe, RecipeError, Trainer, latest_checkpoint
+from eve_vlm.train.trainer import lr_lambda
 from eve_vlm.train.tiny import draw_shape, generate_shapes_dataset
 
 torch.set_num_threads(1)
@@ -113,6 +114,21 @@ def test_unknown_override_key_and_bad_values_are_errors() -> None:
         Recipe.load(path, ["optim.lr"])
     with pytest.raises(RecipeError, match="multiple of micro_batch_size"):
         Recipe.load(path, ["global_batch_size=6"])
+    with pytest.raises(RecipeError, match="optim.schedule.*'cosin'"):
+        Recipe.load(path, ["optim.schedule=cosin"])
+    with pytest.raises(RecipeError, match="optim.decay_ratio"):
+        Recipe.load(path, ["optim.decay_ratio=0"])
+
+
+def test_lr_schedules_warm_up_then_hold_or_decay() -> None:
+    steps = [lr_lambda(warmup=2, total=10, schedule=s, decay_ratio=0.3) for s in ("cosine", "constant", "wsd")]
+    cosine, constant, wsd = ([f(i) for i in range(10)] for f in steps)
+    for lrs in (cosine, constant, wsd):
+        assert lrs[:3] == [0.5, 1.0, 1.0]
+    assert all(a > b for a, b in zip(cosine[2:], cosine[3:], strict=False))
+    assert constant[2:] == [1.0] * 8
+    # wsd: full rate until the last 30% (3 steps), then a linear decay towards zero
+    assert wsd[2:7] == [1.0] * 5 and wsd[7:] == pytest.approx([1.0, 2 / 3, 1 / 3])
 
 
 def test_overrides_set_nested_keys_with_yaml_types() -> None:

@@ -61,6 +61,9 @@ class TeacherSpec:
     loss_weight: float = 1.0
 
 
+LR_SCHEDULES = ("cosine", "constant", "wsd")
+
+
 @dataclass
 class OptimSpec:
     lr: float = 1e-4
@@ -68,7 +71,11 @@ class OptimSpec:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_ratio: float = 0.03
-    schedule: str = "cosine"  # cosine | constant
+    # cosine: decay over every step after warm-up; constant: no decay; wsd (warm-up, stable, decay):
+    # constant, then a linear decay to 0 over the last `decay_ratio` of the steps, which keeps the
+    # learning rate high for longer (the quickstart's stage 3 needs that, docs/quickstart.md)
+    schedule: str = "cosine"
+    decay_ratio: float = 0.2
     max_grad_norm: float = 1.0
 
 
@@ -116,6 +123,10 @@ class Recipe:
             raise RecipeError(f"distributed must be 'ddp' or 'fsdp', got {self.distributed!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise RecipeError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.optim.schedule not in LR_SCHEDULES:
+            raise RecipeError(f"optim.schedule must be one of {list(LR_SCHEDULES)}, got {self.optim.schedule!r}")
+        if not 0.0 < self.optim.decay_ratio <= 1.0:
+            raise RecipeError(f"optim.decay_ratio must be in (0, 1], got {self.optim.decay_ratio}")
 
     # ------------------------------------------------------------------ loading
     @classmethod

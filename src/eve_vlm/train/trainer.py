@@ -89,12 +89,17 @@ def set_trainable(
     return out
 
 
-def lr_lambda(warmup: int, total: int, schedule: str) -> Callable[[int], float]:
+def lr_lambda(warmup: int, total: int, schedule: str, decay_ratio: float = 0.2) -> Callable[[int], float]:
+    """The learning-rate multiplier at each step (OptimSpec.schedule explains the schedules)."""
+    decay_steps = max(1, round(decay_ratio * total))
+
     def f(step: int) -> float:
         if warmup and step < warmup:
             return (step + 1) / warmup
         if schedule == "constant":
             return 1.0
+        if schedule == "wsd":
+            return min(1.0, (total - step) / decay_steps)
         progress = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
@@ -424,7 +429,7 @@ class Trainer:
         self.optimizer = self._optimizer()
         warmup = int(round(recipe.optim.warmup_ratio * self.max_steps))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(warmup, self.max_steps, recipe.optim.schedule)
+            self.optimizer, lr_lambda(warmup, self.max_steps, recipe.optim.schedule, recipe.optim.decay_ratio)
         )
         self.step = 0
         self.samples = 0
