@@ -79,6 +79,23 @@ def test_a_far_too_slow_machine_keeps_the_floors_and_warns(caplog):
     assert "exceed" in caplog.text
 
 
+def test_after_stage3_the_blind_model_keeps_its_steps_and_only_a_warning_remains(caplog):
+    p = planner()
+    elapsed = finish_stage1(p, 1.0)
+    p.replan(elapsed)
+    for stage, slowdown in (("2_pretrain", 1.0), ("3_sft", 2.5)):  # stage 3 ran slow: the run will overrun
+        took = slowdown * p.planned[stage] * REFERENCE_STEP_SECONDS[stage]
+        p.record(stage, p.planned[stage], took)
+        elapsed += took
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="eve_vlm.quickstart.budget"):
+            plan = p.replan(elapsed)
+    assert plan["blind"] == plan["3_sft"] == p.measured["3_sft"][0]
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any(m.startswith("budget: blind") for m in messages), messages  # never "shortened", even in the log
+    assert any("exceed" in m for m in messages)
+
+
 def test_phases_without_a_reference_time_are_rejected():
     with pytest.raises(ValueError, match="no reference step time"):
         BudgetPlanner(budget_seconds=60, steps={"4_rlhf": 10}, eval_questions=10, evaluations=1)

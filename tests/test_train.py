@@ -32,8 +32,8 @@ from eve_vlm.data import (
 from eve_vlm.model import EveForCausalLM
 from eve_vlm.processing import EveProcessor
 from eve_vlm.train import Recipe, RecipeError, Trainer, latest_checkpoint
-from eve_vlm.train.trainer import lr_lambda
 from eve_vlm.train.tiny import draw_shape, generate_shapes_dataset
+from eve_vlm.train.trainer import lr_lambda
 
 torch.set_num_threads(1)
 

@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 
 logger = logging.getLogger(__name__)
 
-# Seconds per step of the default recipes on the reference 2-core CPU (fp32; stage 1 279 s and
-# stage 2 173 s in session 5; stage 3 with its first layers frozen ~0.55x the 0.72 s of a fully
-# trained step), and per evaluated question; "blind" is the blind model's stage 3 (blank images).
-REFERENCE_STEP_SECONDS: dict[str, float] = {"1_prealign": 0.78, "2_pretrain": 0.96, "3_sft": 0.40, "blind": 0.38}
+# Seconds per step of the default recipes on the reference 2-core CPU (fp32), and per evaluated
+# question; "blind" is the blind model's stage 3 (blank images). Session 5's stage 1 (0.78 s) scaled
+# by what one session-7 run measured step for step: "<colour> <shape>" captions make stage 1 0.77x
+# and stage 2 0.83x as expensive as "A <colour> <shape>.", and a stage-3 step (early layers frozen)
+# costs 0.57x a stage-1 step of the old captions (blind: 0.97x a stage-3 step).
+REFERENCE_STEP_SECONDS: dict[str, float] = {"1_prealign": 0.60, "2_pretrain": 0.80, "3_sft": 0.44, "blind": 0.43}
 REFERENCE_EVAL_SECONDS_PER_QUESTION = 0.02
 # The least of a stage's planned steps the planner keeps: below this a stage teaches too little to
 # be worth its seconds, and the run goes over its budget instead (with a warning).
@@ -55,13 +57,16 @@ class BudgetPlanner:
         """The steps for every phase, shortened where the rest would not fit in the budget."""
         f = self.speed_factor()
         todo = [p for p in self.planned if p not in self.measured]
+        # once stage 3 has run, the blind model's steps are fixed: it trains the same stage 3
+        pinned = {"blind": self.measured["3_sft"][0]} if "3_sft" in self.measured else {}
         available = self.budget_seconds * self.margin - elapsed_seconds
         available -= f * self.evaluations * self.eval_questions * REFERENCE_EVAL_SECONDS_PER_QUESTION
-        cost = {p: f * self.steps[p] * REFERENCE_STEP_SECONDS[p] for p in todo}  # at the full recipe steps
-        stage3 = [p for p in ("3_sft", "blind") if p in todo]
+        # at the full recipe steps (pinned phases at theirs)
+        cost = {p: f * pinned.get(p, self.steps[p]) * REFERENCE_STEP_SECONDS[p] for p in todo}
+        stage3 = [p for p in ("3_sft", "blind") if p in todo and p not in pinned]
         c3 = sum(cost[p] for p in stage3)
         c2 = cost.get("2_pretrain", 0.0)
-        other = sum(c for p, c in cost.items() if p not in ("3_sft", "blind", "2_pretrain"))
+        other = sum(c for p, c in cost.items() if p not in stage3 and p != "2_pretrain")
         scale3 = scale2 = 1.0
         if other + c2 + c3 > available:
             room = available - other
@@ -75,8 +80,8 @@ class BudgetPlanner:
                     "even at the shortest stages", f, self.budget_seconds / 60,
                 )
         for p in todo:
-            scale = scale3 if p in ("3_sft", "blind") else scale2 if p == "2_pretrain" else 1.0
-            new = max(2, int(self.steps[p] * scale))
+            scale = scale3 if p in stage3 else scale2 if p == "2_pretrain" else 1.0
+            new = pinned[p] if p in pinned else max(2, int(self.steps[p] * scale))
             if new != self.planned[p]:
                 logger.info("budget: %s %d -> %d steps (machine at %.2fx the reference step time)", p, self.planned[p], new, f)
             self.planned[p] = new
