@@ -189,17 +189,32 @@ def test_branch_ids_travel_through_padded_and_packed_batches():
     assert packed["segment_ids"].tolist() == [[1] * 7 + [2] * 10]
 
 
-def test_identical_prefixes_share_one_row_and_others_do_not():
-    def branched(i: int, pixel: float, prefix: list[int]) -> Example:
-        ids = torch.tensor([IMAGE_TOKEN_INDEX, *prefix, 10 + i, 20 + i, 30 + i])
-        labels = torch.tensor([IGNORE_INDEX] * (len(prefix) + 2) + [20 + i, 30 + i])
-        return Example(ids, labels, [torch.full((3, 16, 16), pixel)], [5], index=i, id=f"b{i}",
-                       branch_ids=torch.tensor([0] * (len(prefix) + 1) + [1, 1, 1]))
+def _branched(i: int, pixel: float, prefix: list[int], extra: int = 0) -> Example:
+    """[IMG, *prefix] shared, then one branch of 3 + `extra` tokens; the image is 5 visual tokens."""
+    own = [10 + i, *[40 + i] * extra, 20 + i, 30 + i]
+    ids = torch.tensor([IMAGE_TOKEN_INDEX, *prefix, *own])
+    labels = torch.tensor([IGNORE_INDEX] * (len(prefix) + len(own) - 1) + [20 + i, 30 + i])
+    return Example(ids, labels, [torch.full((3, 16, 16), pixel)], [5], index=i, id=f"b{i}",
+                   branch_ids=torch.tensor([0] * (len(prefix) + 1) + [1] * len(own)))
 
-    same = [branched(0, 1.0, [7, 8]), branched(1, 1.0, [7, 8]), branched(2, 1.0, [7, 8])]
-    batch = collate_padded([*same, branched(3, 2.0, [7, 8]), branched(4, 1.0, [7, 9])], PAD)
+
+def test_identical_prefixes_share_one_row_and_others_do_not():
+    same = [_branched(0, 1.0, [7, 8]), _branched(1, 1.0, [7, 8]), _branched(2, 1.0, [7, 8])]
+    longest = _branched(3, 2.0, [7, 8], extra=7)  # 7 prefix + 10 own tokens: room for all three
+    batch = collate_padded([*same, longest, _branched(4, 1.0, [7, 9])], PAD)
     assert batch["input_ids"].shape[0] == 3 and len(batch["images"]) == 3  # the three blanks share a row
     row = batch["input_ids"][0].tolist()
-    assert row == [IMAGE_TOKEN_INDEX, 7, 8, 10, 20, 30, 11, 21, 31, 12, 22, 32]
-    assert batch["branch_ids"][0].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
-    assert batch["labels"][0].tolist() == [IGNORE_INDEX] * 4 + [20, 30, IGNORE_INDEX, 21, 31, IGNORE_INDEX, 22, 32]
+    assert row[:12] == [IMAGE_TOKEN_INDEX, 7, 8, 10, 20, 30, 11, 21, 31, 12, 22, 32]
+    assert batch["branch_ids"][0].tolist()[:12] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert batch["labels"][0].tolist()[:12] == [IGNORE_INDEX] * 4 + [20, 30, IGNORE_INDEX, 21, 31, IGNORE_INDEX, 22, 32]
+    assert batch["input_ids"].shape[1] == longest.input_ids.numel()  # merging did not lengthen the batch
+
+
+def test_shared_prefixes_merge_only_up_to_the_longest_row():
+    # Rows of 10 tokens (7 of them the shared prefix): two share a row only when a 13-token row exists.
+    same = [_branched(i, 1.0, [7, 8]) for i in range(4)]
+    alone = collate_padded(same, PAD)
+    assert alone["input_ids"].shape == (4, 6)  # merging any two would make a 13-token row
+    with_long = collate_padded([*same, _branched(9, 2.0, [7, 8], extra=3)], PAD)
+    assert with_long["input_ids"].shape[0] == 3  # b0+b1, b2+b3, the long one
+    assert with_long["branch_ids"][:2, -1].tolist() == [2, 2]

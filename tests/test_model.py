@@ -259,6 +259,56 @@ def test_branches_inside_packed_segments_and_bad_layouts():
         model(a[None], images=imgs, branch_ids=a_br[None], use_cache=True)
 
 
+@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_last_layer_on_target_positions_only_gives_the_same_loss_and_gradients(version, checkpointing):
+    """Training without logits runs the last layer only where there is a target; the loss and
+    every gradient equal the full computation (padding, branches, and a target read off the last
+    visual token, which v2 routes through its vision weights)."""
+    model = tiny_model(version).train()
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    s = model.config.token_stride
+    ids = torch.tensor([[3, IMG, 4, 5, 6, 7, 8], [9, IMG, 10, 11, 0, 0, 0]])
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 5, IGNORE_INDEX, 7, 8],
+                           [IGNORE_INDEX, IGNORE_INDEX, 10, 11, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]])
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    branches = torch.tensor([[0, 0, 0, 1, 1, 2, 2], [0] * 7])
+    imgs = [image(s, 2 * s), image(2 * s, s, 1)]
+
+    def run(return_logits: bool):
+        model.zero_grad()
+        out = model(ids, images=imgs, attention_mask=mask, labels=labels, branch_ids=branches,
+                    return_logits=return_logits)
+        out.lm_loss_sum.backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    full, full_grads = run(True)
+    part, part_grads = run(False)
+    assert part.logits is None and part.num_label_tokens == full.num_label_tokens == 3  # 8; 10 (after the image), 11
+    torch.testing.assert_close(part.lm_loss_sum, full.lm_loss_sum, rtol=1e-5, atol=1e-5)
+    assert full_grads.keys() == part_grads.keys()
+    for n, g in full_grads.items():
+        torch.testing.assert_close(part_grads[n], g, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_a_prefill_runs_the_last_layer_on_the_kept_positions_only():
+    model = tiny_model("v2")
+    s = model.config.token_stride
+    ids = torch.tensor([[0, 0, 3, IMG, 4, 5], [7, 8, 9, IMG, 10, 11]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6])
+    imgs = [image(s, s), image(s, 2 * s, 1)]
+    full = model(ids, images=imgs, attention_mask=mask, padding_side="left").logits
+    seen = {}
+    model.model.layers[-1].mlp.register_forward_hook(lambda m, i, o: seen.__setitem__("tokens", i[0].shape[1]))
+    last = model(ids, images=imgs, attention_mask=mask, padding_side="left", logits_to_keep=2, use_cache=True)
+    assert seen["tokens"] == 4  # two positions in each of two rows
+    torch.testing.assert_close(last.logits, full[:, -2:], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="collected in full"):
+        model.model.run_layers(torch.zeros(1, 2, 32), torch.arange(2)[None], torch.ones(1, 2, dtype=torch.bool),
+                               collect=frozenset({4}), keep=torch.ones(1, 2, dtype=torch.bool))
+
+
 def test_gradient_checkpointing_same_gradients():
     model = tiny_model("v2").train()
     s = model.config.token_stride

@@ -91,12 +91,17 @@ def _pad_rows(ids: list[Tensor], labels: list[Tensor], pad_id: int, multiple: in
 
 def merge_shared_prefixes(examples: Sequence[Example]) -> list[Example]:
     """Examples with independent turns whose shared prefixes are identical (same ids, same image
-    pixels) become one row: the prefix once, then every branch, renumbered.
+    pixels) share rows: the prefix once, then the branches of several examples, renumbered, as
+    long as the merged row is no longer than the batch's longest row.
 
-    Why: this is exact (each branch still sees only the prefix and itself) and it is what makes a
-    blind baseline cheap, where every record shows the same blank image. Examples without
-    branches, or with teacher inputs, pass through unchanged.
+    Why: this is exact (each branch still sees only the prefix and itself) and saves the repeated
+    prefix, e.g. in a blind baseline where every record shows the same blank image. The length cap
+    keeps it a saving: the batch is padded to its longest row, and on a CPU one row of four
+    ~200-token examples trained 1.5x slower than four rows (attention grows with the square of the
+    row length), for an 8% saving in tokens. Examples without branches, or with teacher inputs,
+    pass through unchanged.
     """
+    cap = max((ex.spliced_length for ex in examples), default=0)
     by_prefix: dict[tuple, list[Example]] = {}
     out: list[Example | tuple] = []
     for ex in examples:
@@ -122,8 +127,26 @@ def merge_shared_prefixes(examples: Sequence[Example]) -> list[Example]:
             digest = tuple(hashlib.sha1(im.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
                            for im in ex.images)
             by_pixels.setdefault(digest, []).append(ex)
-        merged.extend(_merge(same) for same in by_pixels.values())
+        for same in by_pixels.values():
+            merged.extend(_merge(row) for row in _fill_rows(same, cap))
     return merged
+
+
+def _fill_rows(group: list[Example], cap: int) -> list[list[Example]]:
+    """Examples sharing one prefix, in order, into rows no longer than `cap` tokens (first fit)."""
+    prefix = int((group[0].branch_ids == 0).sum()) - len(group[0].images) + sum(group[0].image_tokens)  # type: ignore[union-attr]
+    rows: list[list[Example]] = []
+    lengths: list[int] = []
+    for ex in group:
+        own = ex.spliced_length - prefix
+        fit = next((i for i, n in enumerate(lengths) if n + own <= cap), None)
+        if fit is None:
+            rows.append([ex])
+            lengths.append(ex.spliced_length)
+        else:
+            rows[fit].append(ex)
+            lengths[fit] += own
+    return rows
 
 
 def _merge(group: list[Example]) -> Example:
@@ -146,7 +169,8 @@ def _merge(group: list[Example]) -> Example:
 def collate_padded(examples: Sequence[Example], pad_id: int, pad_to_multiple_of: int | None = None
                    ) -> dict[str, object]:
     """One example per row, right-padded to the longest text (the model pads after splicing);
-    examples whose independent turns share an identical prefix share one row."""
+    examples whose independent turns share an identical prefix share rows where that keeps the
+    batch's longest row (`merge_shared_prefixes`)."""
     if not examples:
         raise ValueError("cannot collate an empty batch")
     examples = merge_shared_prefixes(examples)

@@ -170,24 +170,68 @@ class Attention(nn.Module):
     def project_vision(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return self.moe_q_proj(h), self.moe_k_proj(h), self.moe_v_proj(h)
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: ForwardContext) -> Tensor:
-        """Joint causal attention over all tokens (shared by both modalities); returns [B, L, H*hd]."""
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: ForwardContext, rows: QueryRows | None = None) -> Tensor:
+        """Joint causal attention over all tokens (shared by both modalities); returns [B, L, H*hd],
+        or [N, H*hd] for the queries `rows` selects (keys and values, and the cache, stay complete)."""
         b, n = q.shape[:2]
-        q = q.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        k = apply_rope(k, ctx.cos, ctx.sin)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer_index, k, v)
+        cos, sin, mask, is_causal = ctx.cos, ctx.sin, ctx.attn_mask, ctx.is_causal
+        if rows is not None:
+            q, cos, sin = rows.gather(q), rows.gather(cos), rows.gather(sin)
+            mask, is_causal = rows.mask(ctx.attn_mask, ctx.is_causal, k.shape[2]), False
+        lq = q.shape[1]
+        q = apply_rope(q.view(b, lq, self.num_heads, self.head_dim).transpose(1, 2), cos, sin)
         out = F.scaled_dot_product_attention(
             q,
             k,
             v,
-            attn_mask=ctx.attn_mask,
-            is_causal=ctx.is_causal,
+            attn_mask=mask,
+            is_causal=is_causal,
             enable_gqa=self.num_kv_heads != self.num_heads,
         )
-        return out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
+        out = out.transpose(1, 2).reshape(b, lq, self.num_heads * self.head_dim)
+        return out if rows is None else out[rows.valid]
+
+
+@dataclass
+class QueryRows:
+    """The positions whose outputs the last layer must compute, as a padded [B, Lq] index.
+
+    Why: a training loss reads the final hidden states only where there is a target (an answer's
+    few tokens among a question's and an image's), and a prefill only at the last position. The
+    last layer still writes keys and values for every token, but its attention queries, output
+    projection and MLP run on the kept positions only: exact, and in the quickstart's 4-layer
+    stage 3 about a fifth of a training step.
+    """
+
+    index: Tensor  # [B, Lq] positions, the kept ones of each row first, in order
+    valid: Tensor  # [B, Lq] bool: a kept position (the rest pads rows with fewer)
+
+    @classmethod
+    def from_keep(cls, keep: Tensor) -> QueryRows:
+        counts = keep.sum(1)
+        lq = max(int(counts.max()), 1)
+        index = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :lq]
+        valid = torch.arange(lq, device=keep.device)[None, :] < counts[:, None]
+        return cls(index, valid)
+
+    def gather(self, t: Tensor) -> Tensor:
+        """Rows of t [B, L, ...] at the kept positions: [B, Lq, ...]."""
+        idx = self.index.view(*self.index.shape, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:])
+        return t.gather(1, idx)
+
+    def mask(self, attn_mask: Tensor | None, is_causal: bool, num_keys: int) -> Tensor | None:
+        """The attention mask rows of the kept queries ([B, 1, Lq, Lk] bool)."""
+        if attn_mask is not None:
+            return attn_mask.gather(2, self.index[:, None, :, None].expand(-1, 1, -1, attn_mask.shape[-1]))
+        if not is_causal:  # every query sees every key (a decode step)
+            return None
+        keys = torch.arange(num_keys, device=self.index.device)
+        return (keys[None, None, None, :] <= self.index[:, None, :, None])
 
 
 class DecoderLayer(nn.Module):
@@ -203,7 +247,8 @@ class DecoderLayer(nn.Module):
             self.moe_input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
             self.moe_post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: Tensor, ctx: ForwardContext) -> Tensor:
+    def forward(self, x: Tensor, ctx: ForwardContext, keep: Tensor | None = None) -> Tensor:
+        """[B, L, D] -> [B, L, D]; with a bool `keep` [B, L], only the kept positions' outputs: [N, D]."""
         route = ctx.route if self.has_experts else None
         attn = self.self_attn
         q, k, v = _routed(
@@ -212,7 +257,12 @@ class DecoderLayer(nn.Module):
             lambda h: attn.project_text(self.input_layernorm(h)),
             (lambda h: attn.project_vision(self.moe_input_layernorm(h))) if self.has_experts else None,
         )
-        mixed = attn.attend(q, k, v, ctx)
+        if keep is None:
+            mixed = attn.attend(q, k, v, ctx)
+        else:
+            mixed = attn.attend(q, k, v, ctx, QueryRows.from_keep(keep))[None]  # [1, N, H*hd]
+            x = x[keep][None]
+            route = ctx.kept_route if self.has_experts else None
         x = x + _routed(route, mixed, attn.o_proj, attn.moe_o_proj if self.has_experts else None)
         x = x + _routed(
             route,
@@ -220,7 +270,7 @@ class DecoderLayer(nn.Module):
             lambda h: self.mlp(self.post_attention_layernorm(h)),
             (lambda h: self.moe_mlp(self.moe_post_attention_layernorm(h))) if self.has_experts else None,
         )
-        return x
+        return x if keep is None else x[0]
 
 
 @dataclass
@@ -233,6 +283,7 @@ class ForwardContext:
     is_causal: bool
     route: TokenRoute | None
     cache: KVCache | None
+    kept_route: TokenRoute | None = None  # the route of the kept positions (see `run_layers`' keep)
 
 
 class KVCache:
@@ -356,27 +407,36 @@ class Decoder(nn.Module):
         branch_ids: Tensor | None = None,
         cache: KVCache | None = None,
         collect: frozenset[int] = frozenset(),
+        keep: Tensor | None = None,
     ) -> tuple[Tensor, dict[int, Tensor]]:
         """Run every layer; returns the final-normed hidden states and the requested hidden states.
 
         `collect` uses the Hugging Face `hidden_states` indexing: 0 = embeddings, k = output of layer
         k, num_layers = after the final norm. Only the requested ones are kept (spec §9 item 16).
+        With a bool `keep` [B, L], the final hidden states are those of the kept positions only,
+        [N, D] in row-major order (`x[keep]`), and the last layer computes no others (`QueryRows`).
         """
+        n_layers = len(self.layers)
+        if keep is not None and n_layers in collect:
+            raise ValueError("the final hidden states cannot be both collected in full and kept in part")
         past_valid = None if cache is None else cache.valid
         attn_mask, is_causal = build_attention_mask(query_valid, past_valid, segment_ids, branch_ids)
         cos, sin = self.rotary_emb(positions, embeds.dtype)
         if cache is not None:
             cache.begin(query_valid)
         ctx = ForwardContext(cos, sin, attn_mask, is_causal, TokenRoute.from_mask(visual_mask), cache)
+        if keep is not None and visual_mask is not None:
+            ctx.kept_route = TokenRoute.from_mask(visual_mask[keep][None])
         kept: dict[int, Tensor] = {}
         x = embeds
         if 0 in collect:
             kept[0] = x
         for i, layer in enumerate(self.layers):
+            part = keep if i + 1 == n_layers else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, ctx, use_reentrant=False)
+                x = checkpoint(layer, x, ctx, part, use_reentrant=False)
             else:
-                x = layer(x, ctx)
+                x = layer(x, ctx, part)
             if i + 1 in collect and i + 1 != len(self.layers):
                 kept[i + 1] = x
         x = self.norm(x)

@@ -279,6 +279,16 @@ class EveForCausalLM(nn.Module):
             and vision is not None
         )
         collect = frozenset(aligner.layer_idx) if want_align else frozenset()  # type: ignore[union-attr]
+        # Only the final hidden states something reads are computed by the last layer: those with a
+        # target (training without logits) or the last `logits_to_keep` (a prefill).
+        targets = self._targets(sp) if sp.labels is not None else None
+        keep = None
+        if self.config.num_hidden_layers not in collect:
+            if targets is not None and not return_logits:
+                keep = F.pad(targets != IGNORE_INDEX, (0, 1), value=False)  # position t predicts t + 1
+            elif targets is None and return_logits and 0 < logits_to_keep < sp.valid.shape[1]:
+                keep = torch.zeros_like(sp.valid)
+                keep[:, -logits_to_keep:] = True
         hidden, kept = self.model.run_layers(
             sp.embeds,
             positions,
@@ -288,6 +298,7 @@ class EveForCausalLM(nn.Module):
             branch_ids=sp.branches,
             cache=cache,
             collect=collect,
+            keep=keep,
         )
         if cache is not None:
             last = positions.masked_fill(~sp.valid, -1).amax(dim=1)
@@ -295,24 +306,37 @@ class EveForCausalLM(nn.Module):
 
         out = EveOutput(past_key_values=cache, valid=sp.valid)
         if return_logits:
-            h = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+            if keep is not None:
+                h = hidden.view(sp.valid.shape[0], logits_to_keep, -1)
+            else:
+                h = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
             out.logits = self.lm_head(h)
-        if sp.labels is not None:
-            self._lm_loss(out, hidden, sp)
+        if targets is not None:
+            self._lm_loss(out, targets, hidden, only_targets=keep is not None)
         if want_align:
             out.aligning_loss = self._aligning_loss(kept, sp, vision, teacher_pixels, teacher_masks)  # type: ignore[arg-type]
             out.loss = out.aligning_loss * self.aligning_loss_weight + (out.lm_loss if out.lm_loss is not None else 0)
         return out
 
-    def _lm_loss(self, out: EveOutput, hidden: Tensor, sp: Spliced) -> None:
+    @staticmethod
+    def _targets(sp: Spliced) -> Tensor:
+        """Next-token targets [B, L-1]: never across packed samples, nor across branches (a
+        branch's first token is never a target)."""
         targets = sp.labels[:, 1:]  # type: ignore[index]
-        if sp.segments is not None:  # never predict across packed samples
+        if sp.segments is not None:
             targets = targets.masked_fill(sp.segments[:, 1:] != sp.segments[:, :-1], IGNORE_INDEX)
-        if sp.branches is not None:  # nor across branches (a branch's first token is never a target)
+        if sp.branches is not None:
             targets = targets.masked_fill(sp.branches[:, 1:] != sp.branches[:, :-1], IGNORE_INDEX)
+        return targets
+
+    def _lm_loss(self, out: EveOutput, targets: Tensor, hidden: Tensor, only_targets: bool) -> None:
+        """Mean and summed cross-entropy over the targets, from the full hidden states [B, L, D] or,
+        `only_targets`, from those of the target positions alone ([N, D], row-major)."""
         selected = targets != IGNORE_INDEX
         n = int(selected.sum())
-        if out.logits is not None and out.logits.shape[1] == hidden.shape[1]:
+        if only_targets:
+            logits = self.lm_head(hidden)
+        elif out.logits is not None and out.logits.shape[1] == hidden.shape[1]:
             logits = out.logits[:, :-1][selected]
         else:
             logits = self.lm_head(hidden[:, :-1][selected])

@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 # by what one session-7 run measured step for step: "<colour> <shape>" captions make stage 1 0.77x
 # and stage 2 0.83x as expensive as "A <colour> <shape>.", and a stage-3 step (early layers frozen)
 # costs 0.57x a stage-1 step of the old captions (blind: 0.97x a stage-3 step).
-REFERENCE_STEP_SECONDS: dict[str, float] = {"1_prealign": 0.60, "2_pretrain": 0.80, "3_sft": 0.44, "blind": 0.43}
+REFERENCE_STEP_SECONDS: dict[str, float] = {"1_prealign": 0.60, "2_pretrain": 0.80, "3_sft": 0.36, "blind": 0.36}
 REFERENCE_EVAL_SECONDS_PER_QUESTION = 0.02
 # The least of a stage's planned steps the planner keeps: below this a stage teaches too little to
 # be worth its seconds, and the run goes over its budget instead (with a warning).
