@@ -15,11 +15,12 @@ logger = logging.getLogger(__name__)
 
 # Seconds per step of the default recipes on the reference 2-core CPU (fp32), and per evaluated
 # question; "blind" is the blind model's stage 3 (blank images). Session 5's stage 1 (0.78 s) scaled
-# by what one session-7 run measured step for step: "<colour> <shape>" captions make stage 1 0.77x
-# and stage 2 0.83x as expensive as "A <colour> <shape>.", and a stage-3 step (early layers frozen)
-# costs 0.57x a stage-1 step of the old captions (blind: 0.97x a stage-3 step).
-REFERENCE_STEP_SECONDS: dict[str, float] = {"1_prealign": 0.60, "2_pretrain": 0.80, "3_sft": 0.36, "blind": 0.36}
-REFERENCE_EVAL_SECONDS_PER_QUESTION = 0.02
+# by what runs measured step for step: "<colour> <shape>" captions make stage 1 0.77x and stage 2
+# 0.83x as expensive as "A <colour> <shape>." (session 7); since the last decoder layer runs on
+# target positions only and blank prefixes no longer merge into one long row (session 8), a
+# stage-3 step and a blind step cost 0.58x a stage-1 step, and greedy evaluation ~11 ms a question.
+REFERENCE_STEP_SECONDS: dict[str, float] = {"1_prealign": 0.60, "2_pretrain": 0.80, "3_sft": 0.35, "blind": 0.35}
+REFERENCE_EVAL_SECONDS_PER_QUESTION = 0.011
 # The least of a stage's planned steps the planner keeps: below this a stage teaches too little to
 # be worth its seconds, and the run goes over its budget instead (with a warning).
 MIN_STEP_FRACTION: dict[str, float] = {"3_sft": 0.4, "2_pretrain": 0.5}
