@@ -118,6 +118,8 @@ def test_unknown_override_key_and_bad_values_are_errors() -> None:
         Recipe.load(path, ["optim.schedule=cosin"])
     with pytest.raises(RecipeError, match="optim.decay_ratio"):
         Recipe.load(path, ["optim.decay_ratio=0"])
+    with pytest.raises(RecipeError, match="teacher.cache_mb"):
+        Recipe.load(path, ["teacher.cache_mb=-1"])
 
 
 def test_lr_schedules_warm_up_then_hold_or_decay() -> None:
@@ -156,6 +158,67 @@ def test_overrides_set_nested_keys_with_yaml_types() -> None:
     assert r.model.extra == {"hidden_size": 32}
     assert r.optim.betas == (0.9, 0.95)
     assert r.global_batch_size == 1024  # untouched fields keep the file's values
+
+
+class CountingTeacher(torch.nn.Module):
+    """A stand-in frozen teacher: features are a fixed function of the pixels; counts images seen."""
+
+    image_size, patch_size, hidden_size = 4, 2, 3
+    image_mean = image_std = (0.5, 0.5, 0.5)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images = 0
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        self.images += pixels.shape[0]
+        return pixels.unfold(2, 2, 2).unfold(3, 2, 2).mean((-1, -2)).permute(0, 2, 3, 1)  # [N, 2, 2, 3]
+
+
+def test_cached_teacher_computes_each_image_once_and_equals_the_teacher() -> None:
+    from eve_vlm.model.aligning import CachedTeacher
+
+    inner = CountingTeacher()
+    cached = CachedTeacher(inner, max_bytes=2**20)
+    images = torch.rand(5, 3, 4, 4)
+    batch = images[[0, 1, 0, 2, 1]]  # repeats inside one batch
+    torch.testing.assert_close(cached(batch), CountingTeacher()(batch), rtol=0, atol=0)
+    assert inner.images == 3 and (cached.hits, cached.misses) == (2, 3)
+    torch.testing.assert_close(cached(images), CountingTeacher()(images), rtol=0, atol=0)
+    assert inner.images == 5  # only images 3 and 4 were new
+    assert (cached.image_size, cached.patch_size, cached.hidden_size) == (4, 2, 3)
+
+
+def test_cached_teacher_forgets_the_least_recently_used_beyond_its_size() -> None:
+    from eve_vlm.model.aligning import CachedTeacher
+
+    inner = CountingTeacher()
+    cached = CachedTeacher(inner, max_bytes=2 * 2 * 2 * 3 * 4)  # two images' features (2x2x3 fp32)
+    a, b, c = (torch.full((1, 3, 4, 4), float(v)) for v in (1, 2, 3))
+    cached(a), cached(b), cached(a)  # a is now the most recently used
+    cached(c)  # evicts b
+    seen = inner.images
+    cached(a), cached(c)
+    assert inner.images == seen
+    cached(b)
+    assert inner.images == seen + 1
+    with pytest.raises(ValueError, match="max_bytes"):
+        CachedTeacher(inner, 0)
+
+
+def test_the_next_stage_reuses_a_cached_teacher_with_the_same_spec(tmp_path: Path) -> None:
+    from eve_vlm.model.aligning import CachedTeacher
+
+    first = Trainer(tiny_recipe("eve_v1/1_prealign", tmp_path / "a", "teacher.cache_mb=8", "max_steps=2"), progress=False)
+    first.train()
+    assert isinstance(first.teacher, CachedTeacher) and first.teacher.misses > 0
+    assert json.loads((tmp_path / "a" / "summary.json").read_text())["teacher_cache"]["misses"] == first.teacher.misses
+    same = Trainer(tiny_recipe("eve_v1/2_pretrain", tmp_path / "b", "teacher.cache_mb=8", "max_steps=1"),
+                   model=first.model, processor=first.processor, progress=False)
+    assert same.teacher is first.teacher
+    other = Trainer(tiny_recipe("eve_v1/2_pretrain", tmp_path / "c", "teacher.cache_mb=8", "teacher.loss_weight=2",
+                                "max_steps=1"), model=first.model, processor=first.processor, progress=False)
+    assert other.teacher is not first.teacher
 
 
 # ---------------------------------------------------------------------- one run per tiny stage

@@ -11,7 +11,9 @@ supported, and samples without images simply do not contribute (no zero-gradient
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from collections import OrderedDict
 from pathlib import Path
 from typing import Protocol
 
@@ -118,3 +120,58 @@ class ClipTeacher(nn.Module):
         feats = out.hidden_states[self.select_layer][:, 1:]
         g = self.image_size // self.patch_size
         return feats.reshape(pixels.shape[0], g, g, -1)
+
+
+class CachedTeacher(nn.Module):
+    """A frozen teacher that keeps each image's features (keyed by its pixels) up to `max_bytes`.
+
+    Why: a frozen teacher maps the same pixels to the same features, and a small data set shows
+    every image several times (the quickstart: each image ~4 times over stages 1-2, the teacher
+    ~8% of a step). Exact: a hit returns what the teacher computed for identical pixels. Least
+    recently used features go first once the store is full.
+    """
+
+    def __init__(self, teacher: Teacher, max_bytes: int) -> None:
+        super().__init__()
+        if max_bytes <= 0:
+            raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+        self.teacher = teacher
+        self.max_bytes = max_bytes
+        self.image_size, self.patch_size, self.hidden_size = teacher.image_size, teacher.patch_size, teacher.hidden_size
+        self.image_mean, self.image_std = teacher.image_mean, teacher.image_std
+        self._store: OrderedDict[bytes, Tensor] = OrderedDict()
+        self._bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def train(self, mode: bool = True) -> CachedTeacher:  # the teacher is always frozen
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, pixels: Tensor) -> Tensor:
+        host = pixels.detach().to("cpu", torch.float32).contiguous()
+        keys = [hashlib.blake2b(p.numpy().tobytes(), digest_size=16).digest() for p in host]
+        first: dict[bytes, int] = {}
+        for i, key in enumerate(keys):
+            if key not in self._store:
+                first.setdefault(key, i)
+        self.misses += len(first)
+        self.hits += len(keys) - len(first)
+        new: dict[bytes, Tensor] = {}
+        if first:
+            new = dict(zip(first, self.teacher(pixels[list(first.values())]), strict=True))
+        out = torch.stack([new[key] if key in new else self._store[key] for key in keys])
+        for key in keys:
+            if key in self._store:
+                self._store.move_to_end(key)
+        for key, feat in new.items():
+            self._put(key, feat.clone())  # a copy: a view would keep the whole batch's output alive
+        return out
+
+    def _put(self, key: bytes, feat: Tensor) -> None:
+        size = feat.numel() * feat.element_size()
+        self._store[key] = feat
+        self._bytes += size
+        while self._bytes > self.max_bytes and len(self._store) > 1:
+            _, old = self._store.popitem(last=False)
+            self._bytes -= old.numel() * old.element_size()

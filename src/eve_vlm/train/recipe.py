@@ -59,6 +59,10 @@ class TeacherSpec:
     select_layer: int = -2
     image_size: int | None = None  # efficientnet input side
     loss_weight: float = 1.0
+    # Keep each image's teacher features (by pixel content) up to this many MiB, and reuse the
+    # teacher, store included, in the next stage of the same process when its spec is the same:
+    # worth it when images repeat (small data, several epochs); 0 = off (model.aligning.CachedTeacher)
+    cache_mb: float = 0.0
 
 
 LR_SCHEDULES = ("cosine", "constant", "wsd")
@@ -119,6 +123,8 @@ class Recipe:
             )
         if self.teacher.kind not in ("none", "clip", "efficientnet", "random_clip"):
             raise RecipeError(f"unknown teacher kind {self.teacher.kind!r}")
+        if self.teacher.cache_mb < 0:
+            raise RecipeError(f"teacher.cache_mb must be >= 0, got {self.teacher.cache_mb}")
         if self.distributed not in ("ddp", "fsdp"):
             raise RecipeError(f"distributed must be 'ddp' or 'fsdp', got {self.distributed!r}")
         if self.precision not in ("auto", "fp32", "bf16"):

@@ -19,7 +19,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -188,7 +188,23 @@ def build_model_and_processor(recipe: Recipe) -> tuple[EveForCausalLM, Any]:
     raise ValueError("recipe.model.init is empty and model.tiny is false: nothing to train")
 
 
-def build_teacher(recipe: Recipe):
+def build_teacher(recipe: Recipe, previous=None):
+    """The recipe's frozen teacher, or None. With `teacher.cache_mb`, a feature-caching wrapper;
+    `previous` (the teacher of an earlier stage) is reused when it was built from the same spec."""
+    spec = recipe.teacher
+    if previous is not None and getattr(previous, "spec", None) == spec and spec.kind != "none":
+        return previous
+    teacher = _load_teacher(recipe)
+    if teacher is not None and spec.cache_mb > 0:
+        from ..model.aligning import CachedTeacher
+
+        teacher = CachedTeacher(teacher, int(spec.cache_mb * 2**20))
+    if teacher is not None:
+        object.__setattr__(teacher, "spec", replace(spec))
+    return teacher
+
+
+def _load_teacher(recipe: Recipe):
     spec = recipe.teacher
     if spec.kind == "clip":
         from ..model.aligning import ClipTeacher
@@ -272,8 +288,6 @@ class MicroBatches:
 
     def _start_epoch(self) -> None:
         self.dataset.set_epoch(self.epoch)
-        from dataclasses import replace
-
         self._it = iter_batches(iter(self.dataset), replace(self.batch_cfg, seed=self.batch_cfg.seed + self.epoch))
 
     def next(self) -> dict[str, Any]:
@@ -372,7 +386,7 @@ class Trainer:
         if recipe.model.init_vision_experts_from_text:
             n = model.init_vision_experts_from_text()
             logger.info("initialised %d vision-copy tensors from the text weights", n)
-        self.teacher = build_teacher(recipe)
+        self.teacher = build_teacher(recipe, getattr(model, "teacher", None))
         if self.teacher is not None:
             pending = getattr(model, "_pending_aligning_weights", None)
             current = model.model.vision_tower_compressor
@@ -691,6 +705,8 @@ class Trainer:
                 "world_size": self.info.world,
                 "device": str(self.device),
             }
+            if hasattr(self.teacher, "hits"):  # a CachedTeacher: totals since it was built (earlier stages too)
+                summary["teacher_cache"] = {"hits": self.teacher.hits, "misses": self.teacher.misses}
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
             (self.out / "recipe.json").write_text(json.dumps(self.recipe.to_dict(), indent=2, default=str))
             if skipped:
