@@ -1,6 +1,6 @@
 """What one stage-3 question costs on this machine: one question per row, against a row per image
-whose questions are independent turns sharing the image prefix (and, for the blind baseline, one
-row per batch, since every blank image is the same).
+whose questions are independent turns sharing the image prefix (and, for the blind baseline, whose
+blank images are all the same, rows merged where that does not lengthen the batch's longest row).
 
 Why: the quickstart's yes/no answers need ~15-30k stage-3 questions, paid twice (the blind
 baseline trains the same stage 3). The image prefix is 25 of a single question's ~39 tokens, so
@@ -58,7 +58,7 @@ def main() -> None:
     layouts = [
         ("one question per row (32 rows)", dict(questions_per_sample=1), "qa", 32),
         ("an image's questions share its prefix (4 rows)", {}, "qa", 4),
-        ("blind: every blank prefix shared (4 records)", {}, "qa_blind", 4),
+        ("blind: identical blank prefixes (4 records)", {}, "qa_blind", 4),
     ]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
