@@ -97,9 +97,9 @@ def merge_shared_prefixes(examples: Sequence[Example]) -> list[Example]:
     Why: this is exact (each branch still sees only the prefix and itself) and saves the repeated
     prefix, e.g. in a blind baseline where every record shows the same blank image. The length cap
     keeps it a saving: the batch is padded to its longest row, and on a CPU one row of four
-    ~200-token examples trained 1.5x slower than four rows (attention grows with the square of the
-    row length), for an 8% saving in tokens. Examples without branches, or with teacher inputs,
-    pass through unchanged.
+    ~200-token examples trained ~1.1x slower than four rows (attention grows with the square of
+    the row length), for an 8% saving in tokens. Examples without branches, or with teacher
+    inputs, pass through unchanged.
     """
     cap = max((ex.spliced_length for ex in examples), default=0)
     by_prefix: dict[tuple, list[Example]] = {}
