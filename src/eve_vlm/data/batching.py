@@ -134,7 +134,7 @@ def merge_shared_prefixes(examples: Sequence[Example]) -> list[Example]:
 
 def _fill_rows(group: list[Example], cap: int) -> list[list[Example]]:
     """Examples sharing one prefix, in order, into rows no longer than `cap` tokens (first fit)."""
-    prefix = int((group[0].branch_ids == 0).sum()) - len(group[0].images) + sum(group[0].image_tokens)  # type: ignore[union-attr]
+    prefix = group[0].spliced_length - int((group[0].branch_ids != 0).sum())  # type: ignore[union-attr]
     rows: list[list[Example]] = []
     lengths: list[int] = []
     for ex in group:

@@ -192,7 +192,7 @@ def build_teacher(recipe: Recipe, previous=None):
     """The recipe's frozen teacher, or None. With `teacher.cache_mb`, a feature-caching wrapper;
     `previous` (the teacher of an earlier stage) is reused when it was built from the same spec."""
     spec = recipe.teacher
-    if previous is not None and getattr(previous, "spec", None) == spec and spec.kind != "none":
+    if previous is not None and getattr(previous, "spec", None) == spec:
         return previous
     teacher = _load_teacher(recipe)
     if teacher is not None and spec.cache_mb > 0:
