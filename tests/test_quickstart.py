@@ -27,8 +27,9 @@ def test_reduced_quickstart(tmp_path, all_cores):
     from eve_vlm.quickstart.run import QuickstartConfig, run_quickstart
 
     out = tmp_path / "qs"
-    # 45% of the default CPU steps (about 6 minutes on two cores): enough for colour to be learned.
-    cfg = QuickstartConfig(out=out, steps_scale=0.45, eval_questions=300, blind=True)
+    # 45% of the default CPU steps for stages 1-2 and the blind model, 200 stage-3 steps (about 6
+    # minutes on two cores): enough for colour to be learned.
+    cfg = QuickstartConfig(out=out, steps_scale=0.45, eval_questions=300, blind=True, overrides=("3_sft:max_steps=450",))
     metrics = run_quickstart(cfg)
 
     for name in ("report.md", "loss.png", "metrics.json", "final/config.json", "final/model.safetensors"):
@@ -41,10 +42,11 @@ def test_reduced_quickstart(tmp_path, all_cores):
     assert set(saved["per_type"]) == {"color", "shape", "yes_no"}
     assert set(saved["blind_per_type"]) == {"color", "shape", "yes_no"}
     assert metrics["eval_questions"] == 300
-    from eve_vlm.quickstart.run import STAGES, _recipe
+    from eve_vlm.quickstart.run import STAGES, _recipe, blind_model_steps
 
-    assert saved["steps"] == {s: _recipe(s, cfg, []).max_steps for s in STAGES} or saved["budget"]["shortened"]
-    assert saved["budget"]["recipe_steps"] == {**{s: _recipe(s, cfg, []).max_steps for s in STAGES}, "blind": _recipe("3_sft", cfg, []).max_steps}
+    recipe_steps = {**{s: _recipe(s, cfg, []).max_steps for s in STAGES}, "blind": blind_model_steps(cfg)}
+    assert saved["steps"] == recipe_steps or saved["budget"]["shortened"]
+    assert saved["budget"]["recipe_steps"] == recipe_steps and saved["steps"]["blind"] == recipe_steps["blind"]
     assert saved["questions_per_sample"] == 16 and saved["stage3_turns"] == "independent"
     assert saved["patch_activation"] == "gelu"
     # The image is used: colour + shape beat the blank-image model by a clear margin (at the full
@@ -110,6 +112,7 @@ def test_a_gpu_fits_more_steps_into_the_same_budget(monkeypatch):
         STAGES,
         QuickstartConfig,
         _recipe,
+        blind_model_steps,
         default_steps_scale,
     )
 
@@ -120,11 +123,15 @@ def test_a_gpu_fits_more_steps_into_the_same_budget(monkeypatch):
     cfg = QuickstartConfig()  # no steps_scale: from the budget and the device
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cpu = {s: _recipe(s, cfg, []).max_steps for s in STAGES}
-    assert cpu == {"1_prealign": 360, "2_pretrain": 180, "3_sft": 450}
+    assert cpu == {"1_prealign": 360, "2_pretrain": 180, "3_sft": 900}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     gpu = {s: _recipe(s, cfg, []).max_steps for s in STAGES}
     assert gpu == {s: round(cpu[s] * GPU_STEPS_FACTOR[s]) for s in STAGES}
     assert gpu == {"1_prealign": 720, "2_pretrain": 1200, "3_sft": 1008}
+    assert blind_model_steps(cfg) == 100  # the blind model has nothing more to learn on a GPU
+    assert blind_model_steps(QuickstartConfig(steps_scale=0.5)) == 50
+    with pytest.raises(ValueError, match="blind_steps"):
+        QuickstartConfig(blind_steps=0)
 
 
 def test_stage3_samples_group_an_images_questions_as_independent_turns(tmp_path):

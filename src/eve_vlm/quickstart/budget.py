@@ -3,7 +3,7 @@
 The recipe steps fill the budget on the reference 2-core CPU, but the same machine class runs
 10-45% slower on some days. After every stage the planner compares the measured seconds per step
 with the reference, predicts the rest of the run and, when it would overrun, shortens what is left:
-stage 3 first (the blind model trains the same steps, so it shrinks with it), then stage 2.
+stage 3 first, then stage 2. The blind model's few steps are never shortened.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ REFERENCE_STEP_SECONDS: dict[str, float] = {"1_prealign": 0.60, "2_pretrain": 0.
 REFERENCE_EVAL_SECONDS_PER_QUESTION = 0.011
 # The least of a stage's planned steps the planner keeps: below this a stage teaches too little to
 # be worth its seconds, and the run goes over its budget instead (with a warning).
-MIN_STEP_FRACTION: dict[str, float] = {"3_sft": 0.4, "2_pretrain": 0.5}
+MIN_STEP_FRACTION: dict[str, float] = {"3_sft": 0.3, "2_pretrain": 0.5}
 
 
 @dataclass
@@ -60,22 +60,19 @@ class BudgetPlanner:
         """The steps for every phase, shortened where the rest would not fit in the budget."""
         f = self.speed_factor()
         todo = [p for p in self.planned if p not in self.measured]
-        # once stage 3 has run, the blind model's steps are fixed: it trains the same stage 3
-        pinned = {"blind": self.measured["3_sft"][0]} if "3_sft" in self.measured else {}
         available = self.budget_seconds * self.margin - elapsed_seconds
         available -= f * self.evaluations * self.eval_questions * REFERENCE_EVAL_SECONDS_PER_QUESTION
-        # at the full recipe steps (pinned phases at theirs)
-        cost = {p: f * pinned.get(p, self.steps[p]) * REFERENCE_STEP_SECONDS[p] for p in todo}
-        stage3 = [p for p in ("3_sft", "blind") if p in todo and p not in pinned]
-        c3 = sum(cost[p] for p in stage3)
+        # at the full recipe steps
+        cost = {p: f * self.steps[p] * REFERENCE_STEP_SECONDS[p] for p in todo}
+        c3 = cost.get("3_sft", 0.0)
         c2 = cost.get("2_pretrain", 0.0)
-        other = sum(c for p, c in cost.items() if p not in stage3 and p != "2_pretrain")
+        other = sum(c for p, c in cost.items() if p not in ("3_sft", "2_pretrain"))
         scale3 = scale2 = 1.0
         if other + c2 + c3 > available:
             room = available - other
             if c3 > 0:
                 scale3 = max(MIN_STEP_FRACTION["3_sft"], min(1.0, (room - c2) / c3))
-            if c2 > 0 and c2 + c3 * scale3 > room:
+            if c2 > 0 and c2 + c3 * scale3 > room + 1e-6:  # stage 3 at its floor (not a rounding error)
                 scale2 = max(MIN_STEP_FRACTION["2_pretrain"], min(1.0, (room - c3 * scale3) / c2))
             if other + c2 * scale2 + c3 * scale3 > available:
                 logger.warning(
@@ -83,13 +80,11 @@ class BudgetPlanner:
                     "even at the shortest stages", f, self.budget_seconds / 60,
                 )
         for p in todo:
-            scale = scale3 if p in stage3 else scale2 if p == "2_pretrain" else 1.0
-            new = pinned[p] if p in pinned else max(2, int(self.steps[p] * scale))
+            scale = scale3 if p == "3_sft" else scale2 if p == "2_pretrain" else 1.0
+            new = max(2, int(self.steps[p] * scale))
             if new != self.planned[p]:
                 logger.info("budget: %s %d -> %d steps (machine at %.2fx the reference step time)", p, self.planned[p], new, f)
             self.planned[p] = new
-        if "blind" in self.planned and "3_sft" in self.planned:  # the baseline trains the same stage 3
-            self.planned["blind"] = self.planned["3_sft"]
         return dict(self.planned)
 
     def summary(self) -> dict[str, object]:

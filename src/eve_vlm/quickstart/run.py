@@ -56,6 +56,12 @@ class QuickstartConfig:
     questions_per_sample: int = 16
     stage3_turns: str = "independent"
     blind: bool = True
+    # Stage-3 steps of the blind model (at the 15-minute budget; scaled like the stages). Without the
+    # image the best any model can do is the answer prior (the most common training answer of each
+    # question string), and the blind model reaches it within ~60 steps: measured 68.2% overall at 60
+    # steps and at 300, wandering 61-68% in between at the full learning rate (docs/quickstart.md,
+    # "A short blind model"). Training it as long as stage 3 cost ~3 of the 15 minutes for nothing.
+    blind_steps: int = 100
     seed: int = 0
     steps_scale: float | None = None  # default: from the budget (15 min -> 1.0)
     # Shorten stages 3 and 2 when the measured step times say the run would overrun the budget
@@ -78,6 +84,8 @@ class QuickstartConfig:
             raise ValueError(f"stage3_turns must be one of {STAGE3_TURNS}, got {self.stage3_turns!r}")
         if self.patch_activation not in PATCH_ACTIVATIONS:
             raise ValueError(f"patch_activation must be one of {PATCH_ACTIVATIONS}, got {self.patch_activation!r}")
+        if self.blind_steps < 1:
+            raise ValueError(f"blind_steps must be >= 1, got {self.blind_steps}")
         if self.budget_minutes <= 0:
             raise ValueError(f"budget_minutes must be > 0, got {self.budget_minutes}")
 
@@ -116,7 +124,7 @@ SHORT_CAPTION_TEMPLATES = ("{color} {shape}",)
 # for, per stage: 720 / 1200 / 1008 steps. Stage 1 at 720 steps was measured on an H100 (shape 92%);
 # stage 2 at 1200 steps is the session-3 GPU length; stage 3's 1008 steps of ~37 questions are
 # ~37k questions, past the ~30k at which yes/no reached 96-98% (H100 and CPU, docs/quickstart.md).
-GPU_STEPS_FACTOR: dict[str, float] = {"1_prealign": 2.0, "2_pretrain": 20.0 / 3.0, "3_sft": 1008 / 450}
+GPU_STEPS_FACTOR: dict[str, float] = {"1_prealign": 2.0, "2_pretrain": 20.0 / 3.0, "3_sft": 1008 / 900}
 
 
 def default_steps_scale(budget_minutes: float, stage: str, cuda: bool | None = None) -> float:
@@ -125,6 +133,13 @@ def default_steps_scale(budget_minutes: float, stage: str, cuda: bool | None = N
     if cuda is None:
         cuda = torch.cuda.is_available()
     return budget_minutes / 15.0 * (GPU_STEPS_FACTOR[stage] if cuda else 1.0)
+
+
+def blind_model_steps(cfg: QuickstartConfig) -> int:
+    """The blind model's stage-3 steps: `cfg.blind_steps` scaled like the stages, except that a GPU
+    gets no more of them (the blind model has nothing left to learn after its first ~60)."""
+    scale = cfg.steps_scale if cfg.steps_scale is not None else cfg.budget_minutes / 15.0
+    return max(2, int(round(cfg.blind_steps * scale)))
 
 
 def stage_overrides(overrides: tuple[str, ...] | list[str], stage: str) -> list[str]:
@@ -332,10 +347,11 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
         t = time.perf_counter()
         blind_model, blind_proc = build_model(llm, cfg)
         recipe = _recipe("3_sft", cfg, [f"output_dir={out / 'blind'}", f"data.path={data['qa_blind']}"])
-        recipe.max_steps = steps["3_sft"]  # the same stage 3 as the model it is a baseline for
+        recipe.max_steps = planner.planned["blind"] if planner is not None else blind_model_steps(cfg)
         trainer = Trainer(recipe, model=blind_model, processor=blind_proc)
         res = trainer.train()
         histories["blind_3_sft"] = res.history
+        steps["blind"] = recipe.max_steps
         if planner is not None:
             planner.record("blind", recipe.max_steps, sum(h["seconds"] for h in res.history))
         blind = evaluate(trainer.model, blind_proc, cfg, blank=out / "data" / "blank.png")
@@ -373,8 +389,8 @@ def _planner(cfg: QuickstartConfig, stages: list[str]):
     from .budget import BudgetPlanner
 
     planned = {stage: _recipe(stage, cfg, []).max_steps for stage in stages}
-    if cfg.blind and "3_sft" in planned:
-        planned["blind"] = planned["3_sft"]
+    if cfg.blind:
+        planned["blind"] = blind_model_steps(cfg)
     return BudgetPlanner(
         budget_seconds=cfg.budget_minutes * 60,
         steps=planned,
@@ -440,6 +456,11 @@ def write_report(out: Path, cfg: QuickstartConfig, metrics: dict[str, Any], main
             f"- shortened to fit the budget: this machine ran at {budget['speed_factor']:.2f}x the reference step "
             "time, so the steps became " + ", ".join(f"{k} {v}" for k, v in budget["planned_steps"].items())
             + " (recipe: " + ", ".join(f"{k} {v}" for k, v in budget["recipe_steps"].items()) + ")"
+        )
+    if "blind" in metrics["steps"]:
+        lines.append(
+            f"- blind model: {metrics['steps']['blind']} stage-3 steps on blank images, from the converted LLM; "
+            "without the image no model can beat the answer prior, which it reaches within ~60 steps"
         )
     lines.append(
         f"- stage-3 samples: up to {cfg.questions_per_sample} question(s) about one image each, as "
