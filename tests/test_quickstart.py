@@ -180,6 +180,7 @@ def test_frozen_embedding_recipe_keeps_the_tied_head_fixed():
         (["--set", "4_rlhf:max_steps=1"], "unknown stage '4_rlhf'"),
         (["--set", "optim.lr=fast"], "optim.lr"),
         (["--questions-per-sample", "0"], "questions_per_sample"),
+        (["--blind-steps", "0"], "blind_steps"),
         (["--layers", "first"], "0-1,28-29"),
     ],
 )
@@ -217,6 +218,8 @@ def test_patch_activation_flag_reaches_the_config():
     register(parser.add_subparsers())
     assert _config(parser.parse_args(["quickstart"])).patch_activation == "gelu"
     assert _config(parser.parse_args(["quickstart", "--patch-activation", "none"])).patch_activation == "none"
+    assert _config(parser.parse_args(["quickstart"])).blind_steps == QuickstartConfig().blind_steps == 100
+    assert _config(parser.parse_args(["quickstart", "--blind-steps", "40"])).blind_steps == 40
     with pytest.raises(SystemExit):
         parser.parse_args(["quickstart", "--patch-activation", "relu"])
     with pytest.raises(ValueError, match="patch_activation"):

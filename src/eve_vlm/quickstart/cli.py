@@ -28,6 +28,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-questions", type=int, default=1000, help="held-out questions to score (0 = all 9673)")
     p.add_argument("--layers", default="0-1,28-29", help="SmolLM2 layers kept, of 0-29 (first and last keep the head aligned)")
     p.add_argument("--no-blind", action="store_true", help="skip the blind (blank-image) baseline")
+    p.add_argument(
+        "--blind-steps", type=int, default=100,
+        help="stage-3 steps of the blind baseline at the 15-minute budget (it reaches the answer prior in ~60)",
+    )
     p.add_argument("--no-teacher", action="store_true", help="ablation: no aligning-layer teacher loss")
     p.add_argument("--skip-stage", action="append", default=[], choices=["1_prealign", "2_pretrain"], help="ablation")
     p.add_argument("--seed", type=int, default=0)
@@ -97,6 +101,7 @@ def _config(args: argparse.Namespace):
         keep_layers=parse_layers(args.layers),
         eval_questions=args.eval_questions,
         blind=not args.no_blind,
+        blind_steps=args.blind_steps,
         seed=args.seed,
         skip_stages=tuple(args.skip_stage),
         no_teacher=args.no_teacher,
