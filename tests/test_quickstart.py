@@ -203,7 +203,7 @@ def test_captions_are_short_by_default_and_varied_on_request(tmp_path):
         return [json.loads(line)["conversations"][1]["value"] for line in lines]
 
     short = captions(QuickstartConfig(), tmp_path / "short")
-    assert len(short) == 4000 and all(re.fullmatch(r"[a-z]+ (circle|rectangle|triangle)", c) for c in short)
+    assert len(short) == 4000 and all(re.fullmatch(r"a [a-z]+ (circle|rectangle|triangle)", c) for c in short)
     varied = captions(QuickstartConfig(short_captions=False), tmp_path / "varied")
     assert len(set(c.split(" ", 3)[-1] for c in varied)) > 8  # several phrasings, not one
 

@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--caption-style", choices=["short", "varied"], default="short",
-        help='stages 1-2 captions: "A <colour> <shape>." or eight varied phrasings',
+        help='stages 1-2 captions: "a <colour> <shape>" or eight varied phrasings',
     )
     p.add_argument(
         "--patch-activation", choices=PATCH_ACTIVATIONS, default="gelu",
