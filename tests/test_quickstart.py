@@ -224,3 +224,36 @@ def test_patch_activation_flag_reaches_the_config():
         parser.parse_args(["quickstart", "--patch-activation", "relu"])
     with pytest.raises(ValueError, match="patch_activation"):
         QuickstartConfig(patch_activation="relu")
+
+
+def test_stage3_length_follows_the_running_replan_until_its_decay(tmp_path, monkeypatch):
+    """The quickstart's stage-3 hook applies the planner's new length every REPLAN_EVERY steps,
+    ends no sooner than the wsd schedule allows, and stops re-planning once the decay has begun."""
+    from pathlib import Path
+
+    from eve_vlm.quickstart import run as qs
+    from eve_vlm.train import Recipe, Trainer
+
+    recipes = Path(__file__).resolve().parents[1] / "recipes" / "tiny"
+    recipe = Recipe.load(
+        recipes / "eve_v2" / "2_fullalign.yaml",
+        [f"output_dir={tmp_path}", "max_steps=12", "optim.schedule=wsd", "optim.decay_ratio=0.5", "optim.warmup_ratio=0"],
+    )
+    trainer = Trainer(recipe, progress=False)
+
+    class ScriptedPlanner:
+        planned = {"3_sft": 12}
+        asked: list[int] = []
+
+        def replan_running(self, phase, done, seconds, elapsed):
+            self.asked.append(done)
+            return {5: 30, 10: 4}[done]  # longer at step 5; at step 10 far shorter than the schedule allows
+
+    planner = ScriptedPlanner()
+    monkeypatch.setattr(qs, "REPLAN_EVERY", 5)
+    trainer.on_log = qs._running_replanner(planner, trainer, "3_sft", stage_start=0.0, run_start=0.0)
+    trainer.train()
+    # step 10 is the last flat step for 21 steps (decay: the last round(0.5 * 21) = 10)
+    assert planner.asked == [5, 10] and trainer.step == 21 == planner.planned["3_sft"]
+    lrs = [r["lr"] for r in trainer.history]
+    assert lrs[:12] == [lrs[0]] * 12 and lrs[12] < lrs[0]  # flat, then the decay over the new length

@@ -103,3 +103,32 @@ def test_after_stage3_the_blind_model_keeps_its_steps_and_only_a_warning_remains
 def test_phases_without_a_reference_time_are_rejected():
     with pytest.raises(ValueError, match="no reference step time"):
         BudgetPlanner(budget_seconds=60, steps={"4_rlhf": 10}, eval_questions=10, evaluations=1)
+
+
+def test_a_running_stage3_is_replanned_from_its_own_speed():
+    """Stages 1-2 ran 1.6x slow, so stage 3 was cut; if it then runs at reference speed, it gets
+    its steps back (never past the recipe), and if it runs slower still, it loses more."""
+    def after_stage2() -> tuple[BudgetPlanner, float]:
+        p = planner()
+        elapsed = finish_stage1(p, 1.6)
+        took = 1.6 * RECIPE["2_pretrain"] * REFERENCE_STEP_SECONDS["2_pretrain"]
+        p.record("2_pretrain", RECIPE["2_pretrain"], took)
+        p.replan(elapsed + took)
+        return p, elapsed + took
+
+    p, elapsed = after_stage2()
+    cut = p.planned["3_sft"]
+    assert cut < RECIPE["3_sft"]
+    done = 60
+    fast = p.replan_running("3_sft", done, done * REFERENCE_STEP_SECONDS["3_sft"], elapsed + done * REFERENCE_STEP_SECONDS["3_sft"])
+    assert cut < fast <= RECIPE["3_sft"] and p.planned["3_sft"] == fast
+    # it fits: the rest of stage 3 at its own speed, then the blind model and two evaluations
+    ref = reference_seconds({"1_prealign": RECIPE["1_prealign"], "2_pretrain": RECIPE["2_pretrain"], "3_sft": done})
+    f = (sum(s for _, s in p.measured.values()) + done * REFERENCE_STEP_SECONDS["3_sft"]) / ref
+    rest = (fast - done) * REFERENCE_STEP_SECONDS["3_sft"] + f * (RECIPE["blind"] * REFERENCE_STEP_SECONDS["blind"] + 2 * 1000 * REFERENCE_EVAL_SECONDS_PER_QUESTION)
+    assert elapsed + done * REFERENCE_STEP_SECONDS["3_sft"] + rest <= 15 * 60
+
+    p, elapsed = after_stage2()
+    slow_step = 2.2 * REFERENCE_STEP_SECONDS["3_sft"]
+    slow = p.replan_running("3_sft", done, done * slow_step, elapsed + done * slow_step)
+    assert int(RECIPE["3_sft"] * MIN_STEP_FRACTION["3_sft"]) <= slow < cut

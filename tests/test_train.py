@@ -133,6 +133,30 @@ def test_lr_schedules_warm_up_then_hold_or_decay() -> None:
     assert wsd[2:7] == [1.0] * 5 and wsd[7:] == pytest.approx([1.0, 2 / 3, 1 / 3])
 
 
+def test_a_run_lengthened_before_its_decay_equals_one_planned_that_long(tmp_path: Path) -> None:
+    """set_max_steps (the quickstart's budget re-plan): same learning rates and weights as a run
+    given the new length from the start; refused once the decay has begun, and under cosine."""
+    flat = ("optim.schedule=wsd", "optim.decay_ratio=0.5", "optim.warmup_ratio=0")
+    planned = Trainer(tiny_recipe("eve_v2/2_fullalign", tmp_path / "planned", *flat, "max_steps=6"), progress=False)
+    planned.train()
+    replanned = Trainer(tiny_recipe("eve_v2/2_fullalign", tmp_path / "replanned", *flat, "max_steps=4"), progress=False)
+    replanned.on_log = lambda rec: replanned.set_max_steps(6) if rec["step"] == 1 else None
+    replanned.train()
+    assert replanned.step == 6
+    assert [r["lr"] for r in replanned.history] == [r["lr"] for r in planned.history]
+    assert [r["lr"] for r in planned.history][-3:] != [planned.history[0]["lr"]] * 3  # it did decay
+    for name, value in planned.model.state_dict().items():
+        torch.testing.assert_close(replanned.model.state_dict()[name], value, rtol=0, atol=0, msg=name)
+
+    late = Trainer(tiny_recipe("eve_v2/2_fullalign", tmp_path / "late", *flat, "max_steps=4"), progress=False)
+    late.train(stop_after=2)  # step 2 of 4: the decay (last 50%) has begun
+    with pytest.raises(ValueError, match="only before its decay"):
+        late.set_max_steps(8)
+    cosine = Trainer(tiny_recipe("eve_v2/2_fullalign", tmp_path / "cos", "optim.schedule=cosine", "max_steps=4"), progress=False)
+    with pytest.raises(ValueError, match="wsd or constant"):
+        cosine.set_max_steps(8)
+
+
 def test_overrides_set_nested_keys_with_yaml_types() -> None:
     r = Recipe.load(
         RECIPES / "eve_v2/1_vision.yaml",

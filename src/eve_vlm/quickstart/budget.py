@@ -88,6 +88,27 @@ class BudgetPlanner:
             self.planned[p] = new
         return dict(self.planned)
 
+    def replan_running(self, phase: str, done: int, seconds: float, elapsed_seconds: float) -> int:
+        """The steps for `phase` while it runs (`done` steps in `seconds` so far), from its own speed.
+
+        Why: stages 1-2 predict stage 3 only roughly (the machine's speed drifts within minutes), and
+        a stage under a wsd schedule can still change its length until its decay begins. The other
+        phases still to run are priced at the speed factor including this phase's steps so far.
+        """
+        per_step = seconds / max(done, 1)
+        ref = sum(n * REFERENCE_STEP_SECONDS[p] for p, (n, _) in self.measured.items()) + done * REFERENCE_STEP_SECONDS[phase]
+        took = sum(s for _, s in self.measured.values()) + seconds
+        f = took / ref if ref > 0 else 1.0
+        available = self.budget_seconds * self.margin - elapsed_seconds
+        available -= f * self.evaluations * self.eval_questions * REFERENCE_EVAL_SECONDS_PER_QUESTION
+        available -= sum(f * self.planned[p] * REFERENCE_STEP_SECONDS[p] for p in self.planned if p not in self.measured and p != phase)
+        floor = int(self.steps[phase] * MIN_STEP_FRACTION.get(phase, 1.0))
+        new = max(floor, done + 1, min(self.steps[phase], done + int(available / per_step)))
+        if new != self.planned[phase]:
+            logger.info("budget: %s %d -> %d steps (it runs at %.2f s a step)", phase, self.planned[phase], new, per_step)
+            self.planned[phase] = new
+        return new
+
     def summary(self) -> dict[str, object]:
         return {
             "budget_seconds": self.budget_seconds,

@@ -322,6 +322,8 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
             recipe.max_steps = planner.planned[stage]
         t = time.perf_counter()
         trainer = Trainer(recipe, model=model, processor=processor)
+        if planner is not None and stage == "3_sft" and recipe.optim.schedule in ("wsd", "constant"):
+            trainer.on_log = _running_replanner(planner, trainer, stage, stage_start=t, run_start=t_start)
         result = trainer.train()
         model = trainer.model
         if stage == "2_pretrain":
@@ -329,9 +331,9 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
         timings[stage] = time.perf_counter() - t
         histories[stage] = result.history
         tokens_seen[stage] = trainer.tokens
-        steps[stage] = recipe.max_steps
+        steps[stage] = trainer.max_steps
         if planner is not None:
-            planner.record(stage, recipe.max_steps, timings[stage])
+            planner.record(stage, trainer.max_steps, timings[stage])
             planner.replan(time.perf_counter() - t_start)
     final = out / "final"
     if final.exists():
@@ -385,6 +387,29 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     plot_stages(histories, out / "loss.png")
     write_report(out, cfg, metrics, main)
     return metrics
+
+
+REPLAN_EVERY = 20  # stage-3 steps between re-plans from the stage's own speed
+
+
+def _running_replanner(planner, trainer, stage: str, *, stage_start: float, run_start: float):
+    """An `on_log` hook that re-plans `stage`'s length from its own speed every `REPLAN_EVERY` steps
+    while its learning rate is flat (wsd: until the decay of the old or the new length begins)."""
+
+    def on_log(record: dict[str, Any]) -> None:
+        step = trainer.step
+        if step % REPLAN_EVERY or trainer.recipe.optim.schedule == "wsd" and step >= trainer.decay_start():
+            return
+        now = time.perf_counter()
+        total = planner.replan_running(stage, step, now - stage_start, now - run_start)
+        if trainer.recipe.optim.schedule == "wsd":
+            while trainer.decay_start(total) <= step:  # too late to end that early: end at the soonest possible
+                total += 1
+        if total != trainer.max_steps:
+            trainer.set_max_steps(total)
+            planner.planned[stage] = total
+
+    return on_log
 
 
 def _planner(cfg: QuickstartConfig, stages: list[str]):

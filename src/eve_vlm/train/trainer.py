@@ -441,9 +441,10 @@ class Trainer:
         self.max_steps = self._max_steps(path)
         self.wrapped = self._wrap(model)
         self.optimizer = self._optimizer()
-        warmup = int(round(recipe.optim.warmup_ratio * self.max_steps))
+        self.warmup_steps = int(round(recipe.optim.warmup_ratio * self.max_steps))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(warmup, self.max_steps, recipe.optim.schedule, recipe.optim.decay_ratio)
+            self.optimizer,
+            lr_lambda(self.warmup_steps, self.max_steps, recipe.optim.schedule, recipe.optim.decay_ratio),
         )
         self.step = 0
         self.samples = 0
@@ -642,6 +643,33 @@ class Trainer:
             rec["aligning_loss"] = stats[1].item() / (self.accum * self.info.world)
         return rec
 
+    def decay_start(self, total: int | None = None) -> int:
+        """The step at which a wsd schedule over `total` steps (default: the current plan) starts to decay."""
+        total = self.max_steps if total is None else total
+        return total - max(1, round(self.recipe.optim.decay_ratio * total))
+
+    def set_max_steps(self, total: int) -> None:
+        """Lengthen or shorten a run while its learning rate is still flat.
+
+        Why: a wall-clock budget planned from earlier stages' speed can be re-planned from this
+        stage's own. Only a constant or wsd schedule allows it, and under wsd only while the decay
+        of both the old and the new length is still ahead: the run keeps the warm-up it began with,
+        its flat phase runs on, and it decays over the last `decay_ratio` of the new length.
+        """
+        schedule = self.recipe.optim.schedule
+        if schedule not in ("wsd", "constant"):
+            raise ValueError(f"the number of steps can change mid-run only under a wsd or constant schedule, not {schedule!r}")
+        if schedule == "wsd" and self.step >= min(self.decay_start(), self.decay_start(total)):
+            raise ValueError(
+                f"step {self.step}: a wsd run's length can change only before its decay (which starts at step "
+                f"{self.decay_start()} now, and would at {self.decay_start(total)} for {total} steps)"
+            )
+        if total <= self.step:
+            raise ValueError(f"cannot end a run at step {total}: it is at step {self.step}")
+        self.max_steps = total
+        fn = lr_lambda(self.warmup_steps, total, schedule, self.recipe.optim.decay_ratio)
+        self.scheduler.lr_lambdas = [fn] * len(self.optimizer.param_groups)
+
     def train(self, resume: bool = False, stop_after: int | None = None) -> TrainResult:
         """Run to max_steps (or `stop_after` steps, for tests of interruption)."""
         if resume:
@@ -669,7 +697,10 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
             if self.on_log:
-                self.on_log(rec)
+                self.on_log(rec)  # may re-plan the run's length (set_max_steps)
+                if bar.total != self.max_steps:
+                    bar.total = self.max_steps
+                    bar.refresh()
             if self.recipe.save_every and self.step % self.recipe.save_every == 0 and self.step < self.max_steps:
                 self.save_checkpoint()
             if stop_after is not None and ran >= stop_after:
