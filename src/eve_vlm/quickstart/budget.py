@@ -104,8 +104,9 @@ class BudgetPlanner:
         available -= sum(f * self.planned[p] * REFERENCE_STEP_SECONDS[p] for p in self.planned if p not in self.measured and p != phase)
         floor = int(self.steps[phase] * MIN_STEP_FRACTION.get(phase, 1.0))
         new = max(floor, done + 1, min(self.steps[phase], done + int(available / per_step)))
-        if new != self.planned[phase]:
-            logger.info("budget: %s %d -> %d steps (it runs at %.2f s a step)", phase, self.planned[phase], new, per_step)
+        if new != self.planned[phase]:  # small corrections (a few steps each re-plan) only at debug level
+            level = logging.INFO if abs(new - self.planned[phase]) >= max(5, 0.02 * self.planned[phase]) else logging.DEBUG
+            logger.log(level, "budget: %s %d -> %d steps (it runs at %.2f s a step)", phase, self.planned[phase], new, per_step)
             self.planned[phase] = new
         return new
 
