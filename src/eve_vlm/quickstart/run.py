@@ -351,7 +351,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
         t = time.perf_counter()
         blind_model, blind_proc = build_model(llm, cfg)
         recipe = _recipe("3_sft", cfg, [f"output_dir={out / 'blind'}", f"data.path={data['qa_blind']}"])
-        recipe.max_steps = planner.planned["blind"] if planner is not None else blind_model_steps(cfg)
+        recipe.max_steps = blind_model_steps(cfg)  # never shortened by the planner
         trainer = Trainer(recipe, model=blind_model, processor=blind_proc)
         res = trainer.train()
         histories["blind_3_sft"] = res.history
@@ -398,13 +398,11 @@ def _running_replanner(planner, trainer, stage: str, *, stage_start: float, run_
 
     def on_log(record: dict[str, Any]) -> None:
         step = trainer.step
-        if step % REPLAN_EVERY or trainer.recipe.optim.schedule == "wsd" and step >= trainer.decay_start():
+        if step % REPLAN_EVERY or not trainer.length_can_change():
             return
         now = time.perf_counter()
-        total = planner.replan_running(stage, step, now - stage_start, now - run_start)
-        if trainer.recipe.optim.schedule == "wsd":
-            while trainer.decay_start(total) <= step:  # too late to end that early: end at the soonest possible
-                total += 1
+        # too late to end sooner than the schedule allows: end at the soonest possible
+        total = max(planner.replan_running(stage, step, now - stage_start, now - run_start), trainer.shortest_length())
         if total != trainer.max_steps:
             trainer.set_max_steps(total)
             planner.planned[stage] = total

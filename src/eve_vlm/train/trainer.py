@@ -648,6 +648,19 @@ class Trainer:
         total = self.max_steps if total is None else total
         return total - max(1, round(self.recipe.optim.decay_ratio * total))
 
+    def length_can_change(self) -> bool:
+        """Whether `set_max_steps` may still change this run's length (constant, or wsd before its decay)."""
+        schedule = self.recipe.optim.schedule
+        return schedule == "constant" or schedule == "wsd" and self.step < self.decay_start()
+
+    def shortest_length(self) -> int:
+        """The fewest steps this run can still be set to: under wsd, the decay of the new length must
+        lie wholly ahead."""
+        total = self.step + 1
+        while self.recipe.optim.schedule == "wsd" and self.decay_start(total) <= self.step:
+            total += 1
+        return total
+
     def set_max_steps(self, total: int) -> None:
         """Lengthen or shorten a run while its learning rate is still flat.
 
