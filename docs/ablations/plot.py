@@ -18,6 +18,7 @@ PANELS = [
     (["cpu_half_budget_seed0.json"], "session-2 recipe, CPU, half the steps"),
     (["cpu_half_budget_current_seed0.json"], "session-3 recipe, CPU, half the steps"),
     ([f"gpu_final_recipe_seed{s}.json" for s in range(2)], "session-4 recipe (long stage 1, GELU),\nCPU steps on an H100, seeds 0-1"),
+    (["cpu_session9_recipe_seed0.json"], "session-9 recipe (the default now),\n2-core CPU, seed 0"),
 ]
 
 fig, axes = plt.subplots(1, len(PANELS), figsize=(4.5 * len(PANELS), 3.8), sharey=True)
