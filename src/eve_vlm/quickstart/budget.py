@@ -51,18 +51,24 @@ class BudgetPlanner:
         """A phase finished: `steps` steps in `seconds`."""
         self.measured[phase] = (steps, seconds)
 
-    def speed_factor(self) -> float:
-        """Measured over reference seconds of the training run so far (1.0 before any)."""
-        ref = sum(n * REFERENCE_STEP_SECONDS[p] for p, (n, _) in self.measured.items())
-        took = sum(s for _, s in self.measured.values())
+    def speed_factor(self, running: tuple[str, int, float] | None = None) -> float:
+        """Measured over reference seconds of the training run so far (1.0 before any); `running` adds
+        a phase still in progress as (phase, steps done, seconds)."""
+        done = [*self.measured.items(), *([(running[0], running[1:])] if running else [])]
+        ref = sum(n * REFERENCE_STEP_SECONDS[p] for p, (n, _) in done)
+        took = sum(s for _, (_, s) in done)
         return took / ref if ref > 0 else 1.0
+
+    def _seconds_for_training(self, elapsed_seconds: float, f: float) -> float:
+        """What the budget leaves for training steps once the evaluations are priced at speed `f`."""
+        evals = f * self.evaluations * self.eval_questions * REFERENCE_EVAL_SECONDS_PER_QUESTION
+        return self.budget_seconds * self.margin - elapsed_seconds - evals
 
     def replan(self, elapsed_seconds: float) -> dict[str, int]:
         """The steps for every phase, shortened where the rest would not fit in the budget."""
         f = self.speed_factor()
         todo = [p for p in self.planned if p not in self.measured]
-        available = self.budget_seconds * self.margin - elapsed_seconds
-        available -= f * self.evaluations * self.eval_questions * REFERENCE_EVAL_SECONDS_PER_QUESTION
+        available = self._seconds_for_training(elapsed_seconds, f)
         # at the full recipe steps
         cost = {p: f * self.steps[p] * REFERENCE_STEP_SECONDS[p] for p in todo}
         c3 = cost.get("3_sft", 0.0)
@@ -96,11 +102,8 @@ class BudgetPlanner:
         phases still to run are priced at the speed factor including this phase's steps so far.
         """
         per_step = seconds / max(done, 1)
-        ref = sum(n * REFERENCE_STEP_SECONDS[p] for p, (n, _) in self.measured.items()) + done * REFERENCE_STEP_SECONDS[phase]
-        took = sum(s for _, s in self.measured.values()) + seconds
-        f = took / ref if ref > 0 else 1.0
-        available = self.budget_seconds * self.margin - elapsed_seconds
-        available -= f * self.evaluations * self.eval_questions * REFERENCE_EVAL_SECONDS_PER_QUESTION
+        f = self.speed_factor(running=(phase, done, seconds))
+        available = self._seconds_for_training(elapsed_seconds, f)
         available -= sum(f * self.planned[p] * REFERENCE_STEP_SECONDS[p] for p in self.planned if p not in self.measured and p != phase)
         floor = int(self.steps[phase] * MIN_STEP_FRACTION.get(phase, 1.0))
         new = max(floor, done + 1, min(self.steps[phase], done + int(available / per_step)))
