@@ -19,7 +19,7 @@ from eve_vlm.train import Recipe, Trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 IMAGES = [make_png(48, 32, (200, 30, 30), 0), make_png(20, 70, (0, 0, 200), 1), make_png(40, 40, (20, 180, 20), 2)]
 QUESTIONS = ["<image>\nWhat is this?", "Describe <image> please.", "<image>\nHow many shapes?"]
 

@@ -33,7 +33,7 @@ from eve_vlm.processing import (
     v2_pixels,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 FIXTURE_ROOT = Path(
     os.environ.get("EVE_OFFICIAL_FIXTURES", REPO_ROOT.parent / "shared" / "fixtures" / "official")
 )

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 import eve_vlm
 from eve_vlm.train import Recipe, Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SRC = Path(eve_vlm.__file__).resolve().parents[1]  # the workers import the package this test imported
 RECIPE = ROOT / "recipes/tiny/eve_v2/0_prealign.yaml"
 

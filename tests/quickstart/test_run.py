@@ -234,7 +234,7 @@ def test_stage3_length_follows_the_running_replan_until_its_decay(tmp_path, monk
     from eve_vlm.quickstart import run as qs
     from eve_vlm.train import Recipe, Trainer
 
-    recipes = Path(__file__).resolve().parents[1] / "recipes" / "tiny"
+    recipes = Path(__file__).resolve().parents[2] / "recipes" / "tiny"
     recipe = Recipe.load(
         recipes / "eve_v2" / "2_fullalign.yaml",
         [f"output_dir={tmp_path}", "max_steps=12", "optim.schedule=wsd", "optim.decay_ratio=0.5", "optim.warmup_ratio=0"],

@@ -37,7 +37,7 @@ from eve_vlm.train.trainer import lr_lambda
 
 torch.set_num_threads(1)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "recipes"
 ALL_RECIPES = sorted(RECIPES.rglob("*.yaml"))
 FULL_RECIPES = sorted((RECIPES / "eve_v1").glob("*.yaml")) + sorted((RECIPES / "eve_v2").glob("*.yaml"))

@@ -22,7 +22,7 @@ from eve_vlm import EveForCausalLM, EveProcessor
 from eve_vlm.generate import generate
 from eve_vlm.model import ClipTeacher
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ROOT = Path(os.environ.get("EVE_OFFICIAL_FIXTURES", REPO.parent / "shared" / "fixtures" / "official"))
 
 PIXEL_ATOL, LOGIT_ATOL, LOSS_ATOL = 1e-5, 1e-4, 1e-5
