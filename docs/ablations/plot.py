@@ -14,11 +14,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 HERE = Path(__file__).resolve().parent
 NAMES = {"full": "(a) full", "no_prealign": "(b) no stage 1", "no_teacher": "(c) no teacher"}
 PANELS = [
-    ([f"gpu_seed{s}.json" for s in range(3)], "session-2 recipe, H100, seeds 0-2 (mean, min-max)"),
-    (["cpu_half_budget_seed0.json"], "session-2 recipe, CPU, half the steps"),
-    (["cpu_half_budget_current_seed0.json"], "session-3 recipe, CPU, half the steps"),
-    ([f"gpu_final_recipe_seed{s}.json" for s in range(2)], "session-4 recipe (long stage 1, GELU),\nCPU steps on an H100, seeds 0-1"),
-    (["cpu_session9_recipe_seed0.json"], "session-9 recipe (the default now),\n2-core CPU, seed 0"),
+    ([f"h100_four_question_recipe_seed{s}.json" for s in range(3)], "4 questions a sample, 30/120/60 steps,\nH100, seeds 0-2 (mean, min-max)"),
+    (["cpu_four_question_recipe_half_steps_seed0.json"], "4 questions a sample,\n2-core CPU, half the steps"),
+    (["cpu_single_question_recipe_half_steps_seed0.json"], "1 question a sample, 45/180/195 steps,\n2-core CPU, half the steps"),
+    ([f"h100_long_stage1_recipe_seed{s}.json" for s in range(2)], "long stage 1 + GELU, 360/180/150 steps,\nH100 at CPU steps, seeds 0-1"),
+    (["cpu_900_step_recipe_seed0.json"], "360/180/900 steps (the quickstart recipe),\n2-core CPU, seed 0"),
 ]
 
 fig, axes = plt.subplots(1, len(PANELS), figsize=(4.5 * len(PANELS), 3.8), sharey=True)
