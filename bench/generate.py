@@ -50,7 +50,7 @@ def run_client(url: str, requests: int, concurrency: int, max_tokens: int) -> No
     import httpx
 
     sys.path.insert(0, str(REPO / "tests"))
-    from tiny import make_png
+    from eve_vlm.testing import make_png
 
     images = [base64.b64encode(make_png(48 + 8 * i, 32 + 4 * i, seed=i)).decode() for i in range(4)]
     questions = ["What is this?", "Describe the image.", "What colour is it?", "How many shapes?"]
@@ -99,10 +99,9 @@ def build_model(folder: Path, args: argparse.Namespace):
     import torch
 
     sys.path.insert(0, str(REPO / "tests"))
-    from tiny import make_tiny_checkpoint
-
     from eve_vlm import EveForCausalLM
     from eve_vlm.processing import EveProcessor
+    from eve_vlm.testing import make_tiny_checkpoint
 
     heads = max(args.hidden // 64, 1)
     make_tiny_checkpoint(
@@ -127,7 +126,7 @@ def measure_decode(model, processor, batch_size: int, new_tokens: int) -> tuple[
     from eve_vlm.generate import GenerationConfig, build_prompts, iter_generate
 
     sys.path.insert(0, str(REPO / "tests"))
-    from tiny import make_png
+    from eve_vlm.testing import make_png
 
     prompts = build_prompts(processor, ["<image>\nDescribe the image in detail."] * batch_size)
     images = [make_png(48, 32, seed=i) for i in range(batch_size)]
@@ -151,7 +150,7 @@ def measure_decode(model, processor, batch_size: int, new_tokens: int) -> tuple[
 
 def load_test(model, processor, args: argparse.Namespace, max_batch_size: int) -> dict:
     from eve_vlm.serve import ServerLimits, ServerSettings, create_app
-    from eve_vlm.serve.cli import start_background_server
+    from eve_vlm.serve.server import start_background_server
 
     settings = ServerSettings(
         model_name="bench",

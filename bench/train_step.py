@@ -38,8 +38,8 @@ from eve_vlm.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from eve_vlm.data import DataConfig, EveDataset, ReaderConfig, open_records, pack_examples, padding_waste
 from eve_vlm.model import EveConfig, EveForCausalLM
 from eve_vlm.processing import EveImageConfig, EveImageProcessor, EveProcessor
+from eve_vlm.testing import draw_shape, generate_shapes_dataset, make_tiny_tokenizer
 from eve_vlm.train import Recipe, Trainer
-from eve_vlm.train.tiny import draw_shape, generate_shapes_dataset, make_tiny_tokenizer
 
 
 def matmul_peak(n: int = 2048, reps: int = 5) -> float:

@@ -557,10 +557,9 @@ def test_lmms_adapter_requires_a_model():
 
 
 @pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    tiny = pytest.importorskip("tiny")
+def tiny_ckpt(tiny_v2_dir):
     torch.set_num_threads(1)
-    return tiny.make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", "v2")
+    return tiny_v2_dir
 
 
 def test_cli_runs_a_real_checkpoint_and_resumes(tiny_ckpt, tmp_path, capsys):

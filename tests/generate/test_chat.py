@@ -4,20 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import make_png, make_tiny_checkpoint
 
 from eve_vlm import EveForCausalLM
 from eve_vlm.generate import GenerationConfig, generate
 from eve_vlm.generate.chat import ChatSession, run_repl
 from eve_vlm.processing import EveProcessor
+from eve_vlm.testing import make_png
 
 TURNS = ["What is this?", "And the colour?", "IMAGE2 Compare the two.", "Say more."]
-
-
-@pytest.fixture(scope="module", params=["v2", "v1"])
-def tiny(request, tmp_path_factory):
-    path = make_tiny_checkpoint(tmp_path_factory.mktemp(f"chat_{request.param}"), request.param)
-    return EveForCausalLM.from_pretrained(path).eval(), EveProcessor.from_pretrained(path)
 
 
 def _play(session: ChatSession) -> list[tuple[str, int, int]]:
@@ -151,7 +145,7 @@ def test_repl_commands(tiny, tmp_path):
 def _cli(argv: list[str]) -> int:
     import argparse
 
-    from eve_vlm import cli_infer
+    from eve_vlm.generate import cli as cli_infer
 
     parser = argparse.ArgumentParser(prog="eve")
     cli_infer.register(parser.add_subparsers(dest="command", required=True))
@@ -160,8 +154,8 @@ def _cli(argv: list[str]) -> int:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("cli_v2"), "v2")
+def checkpoint(tiny_v2_dir):
+    return tiny_v2_dir
 
 
 def test_ask_cli_prints_only_the_answer(checkpoint, tmp_path, capsys):

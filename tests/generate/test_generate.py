@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import make_png, make_tiny_checkpoint
 
-from eve_vlm import EveForCausalLM
 from eve_vlm.generate import GenerationConfig, answer, build_prompts, generate, stream_text
 from eve_vlm.generate.sampling import filter_top_k_top_p, select_next
-from eve_vlm.processing import EveProcessor
+from eve_vlm.testing import make_png
 
 # Images of different sizes and aspect ratios (wide, tall, square) and one text-only prompt.
 IMAGES = [
@@ -24,18 +22,6 @@ QUESTIONS = [
     "Tell me a story.",
 ]
 IMAGE_LISTS = [[IMAGES[0]], [IMAGES[1]], [IMAGES[2]], []]
-
-
-@pytest.fixture(scope="module", params=["v2", "v1"])
-def tiny(request, tmp_path_factory):
-    path = make_tiny_checkpoint(tmp_path_factory.mktemp(f"tiny_{request.param}"), request.param)
-    return EveForCausalLM.from_pretrained(path).eval(), EveProcessor.from_pretrained(path)
-
-
-@pytest.fixture(scope="module")
-def tiny_v2(tmp_path_factory):
-    path = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_gen_v2"), "v2")
-    return EveForCausalLM.from_pretrained(path).eval(), EveProcessor.from_pretrained(path)
 
 
 def _batch(processor, questions, image_lists):

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import make_png, make_tiny_checkpoint
 
 from eve_vlm import EveForCausalLM
 from eve_vlm.generate import build_prompts, generate
 from eve_vlm.processing import EveProcessor
+from eve_vlm.testing import make_png
 from eve_vlm.train import Recipe, Trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -33,10 +33,10 @@ def _exact_fp32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-@pytest.fixture(scope="module", params=["v2", "v1"])
-def tiny(request, tmp_path_factory):
-    path = make_tiny_checkpoint(tmp_path_factory.mktemp(f"cuda_{request.param}"), request.param)
-    return path, EveProcessor.from_pretrained(path)
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    """(checkpoint folder, processor) of each tiny model: every test loads its own copy on its device."""
+    return tiny_dir, EveProcessor.from_pretrained(tiny_dir)
 
 
 def _batch(processor):

@@ -9,11 +9,12 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from tiny import make_png, make_tiny_checkpoint
 
 from eve_vlm.generate import GenerationConfig, answer
+from eve_vlm.loading import load_for_inference
 from eve_vlm.serve import ServerLimits, ServerSettings, create_app
-from eve_vlm.serve.cli import load_for_inference, start_background_server
+from eve_vlm.serve.server import start_background_server
+from eve_vlm.testing import make_png
 
 PNGS = [
     make_png(48, 32, (200, 30, 30), 0),
@@ -33,9 +34,9 @@ def user(text: str, *images: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = make_tiny_checkpoint(tmp_path_factory.mktemp("serve_v2"), "v2")
-    return load_for_inference(path, device="cpu")
+def tiny(tiny_v2_dir):
+    """(model, processor) of the tiny v2 checkpoint, loaded the way `eve serve` loads a model."""
+    return load_for_inference(tiny_v2_dir, device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,12 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from tiny import make_png, make_tiny_checkpoint
 
 from eve_vlm.generate import GenerationConfig, answer
+from eve_vlm.loading import load_for_inference
 from eve_vlm.serve import ServerLimits, ServerSettings, create_app
-from eve_vlm.serve.cli import load_for_inference, start_background_server
+from eve_vlm.serve.server import start_background_server
+from eve_vlm.testing import make_png
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -28,9 +29,8 @@ new MutationObserver(() => window.__answers.push(document.getElementById('answer
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    path = make_tiny_checkpoint(tmp_path_factory.mktemp("web_v2"), "v2")
-    model, processor = load_for_inference(path, device="cpu")
+def server(tiny_v2_dir):
+    model, processor = load_for_inference(tiny_v2_dir, device="cpu")
     limits = ServerLimits(max_output_tokens=256, default_max_tokens=256)
     srv = start_background_server(create_app(model, processor, ServerSettings(limits=limits)))
     yield srv, model, processor

@@ -31,14 +31,14 @@ from eve_vlm.data import (
 )
 from eve_vlm.model import EveForCausalLM
 from eve_vlm.processing import EveProcessor
-from eve_vlm.train import Recipe, RecipeError, Trainer, latest_checkpoint
-from eve_vlm.train.tiny import draw_shape, generate_shapes_dataset
-from eve_vlm.train.trainer import lr_lambda
+from eve_vlm.testing import draw_shape, generate_shapes_dataset
+from eve_vlm.train import LrSchedule, Recipe, RecipeError, Trainer, TrainerCallback, latest_checkpoint
+from eve_vlm.train.catalog import recipes_root
 
 torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[2]
-RECIPES = ROOT / "recipes"
+RECIPES = recipes_root()
 ALL_RECIPES = sorted(RECIPES.rglob("*.yaml"))
 FULL_RECIPES = sorted((RECIPES / "eve_v1").glob("*.yaml")) + sorted((RECIPES / "eve_v2").glob("*.yaml"))
 V1_STAGES = ["1_prealign", "2_pretrain", "3_sft", "3_sft_hd"]
@@ -123,7 +123,7 @@ def test_unknown_override_key_and_bad_values_are_errors() -> None:
 
 
 def test_lr_schedules_warm_up_then_hold_or_decay() -> None:
-    steps = [lr_lambda(warmup=2, total=10, schedule=s, decay_ratio=0.3) for s in ("cosine", "constant", "wsd")]
+    steps = [LrSchedule(warmup=2, total=10, kind=s, decay_ratio=0.3) for s in ("cosine", "constant", "wsd")]
     cosine, constant, wsd = ([f(i) for i in range(10)] for f in steps)
     for lrs in (cosine, constant, wsd):
         assert lrs[:3] == [0.5, 1.0, 1.0]
@@ -134,27 +134,34 @@ def test_lr_schedules_warm_up_then_hold_or_decay() -> None:
 
 
 def test_a_run_lengthened_before_its_decay_equals_one_planned_that_long(tmp_path: Path) -> None:
-    """set_max_steps (the quickstart's budget re-plan): same learning rates and weights as a run
-    given the new length from the start; refused once the decay has begun, and under cosine."""
+    """A callback resizing the schedule (as the quickstart's budget re-plan does): same learning
+    rates and weights as a run given the new length from the start; refused once the decay has
+    begun, and under cosine."""
     flat = ("optim.schedule=wsd", "optim.decay_ratio=0.5", "optim.warmup_ratio=0")
-    planned = Trainer(tiny_recipe("eve_v2/2_fullalign", tmp_path / "planned", *flat, "max_steps=6"), progress=False)
+    planned = Trainer.from_recipe(tiny_recipe("eve_v2/2_fullalign", tmp_path / "planned", *flat, "max_steps=6"), progress=False)
     planned.train()
-    replanned = Trainer(tiny_recipe("eve_v2/2_fullalign", tmp_path / "replanned", *flat, "max_steps=4"), progress=False)
-    replanned.on_log = lambda rec: replanned.set_max_steps(6) if rec["step"] == 1 else None
+
+    class Lengthen(TrainerCallback):
+        def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+            if record["step"] == 1:
+                trainer.schedule.resize(6, trainer.state.step)
+
+    replanned = Trainer.from_recipe(tiny_recipe("eve_v2/2_fullalign", tmp_path / "replanned", *flat, "max_steps=4"),
+                                    callbacks=[Lengthen()], progress=False)
     replanned.train()
-    assert replanned.step == 6
-    assert [r["lr"] for r in replanned.history] == [r["lr"] for r in planned.history]
-    assert [r["lr"] for r in planned.history][-3:] != [planned.history[0]["lr"]] * 3  # it did decay
+    assert replanned.state.step == 6
+    assert [r["lr"] for r in replanned.state.history] == [r["lr"] for r in planned.state.history]
+    assert [r["lr"] for r in planned.state.history][-3:] != [planned.state.history[0]["lr"]] * 3  # it did decay
     for name, value in planned.model.state_dict().items():
         torch.testing.assert_close(replanned.model.state_dict()[name], value, rtol=0, atol=0, msg=name)
 
-    late = Trainer(tiny_recipe("eve_v2/2_fullalign", tmp_path / "late", *flat, "max_steps=4"), progress=False)
+    late = Trainer.from_recipe(tiny_recipe("eve_v2/2_fullalign", tmp_path / "late", *flat, "max_steps=4"), progress=False)
     late.train(stop_after=2)  # step 2 of 4: the decay (last 50%) has begun
     with pytest.raises(ValueError, match="only before its decay"):
-        late.set_max_steps(8)
-    cosine = Trainer(tiny_recipe("eve_v2/2_fullalign", tmp_path / "cos", "optim.schedule=cosine", "max_steps=4"), progress=False)
+        late.schedule.resize(8, late.state.step)
+    cosine = Trainer.from_recipe(tiny_recipe("eve_v2/2_fullalign", tmp_path / "cos", "optim.schedule=cosine", "max_steps=4"), progress=False)
     with pytest.raises(ValueError, match="wsd or constant"):
-        cosine.set_max_steps(8)
+        cosine.schedule.resize(8, cosine.state.step)
 
 
 def test_overrides_set_nested_keys_with_yaml_types() -> None:
@@ -233,14 +240,14 @@ def test_cached_teacher_forgets_the_least_recently_used_beyond_its_size() -> Non
 def test_the_next_stage_reuses_a_cached_teacher_with_the_same_spec(tmp_path: Path) -> None:
     from eve_vlm.model.aligning import CachedTeacher
 
-    first = Trainer(tiny_recipe("eve_v1/1_prealign", tmp_path / "a", "teacher.cache_mb=8", "max_steps=2"), progress=False)
+    first = Trainer.from_recipe(tiny_recipe("eve_v1/1_prealign", tmp_path / "a", "teacher.cache_mb=8", "max_steps=2"), progress=False)
     first.train()
     assert isinstance(first.teacher, CachedTeacher) and first.teacher.misses > 0
     assert json.loads((tmp_path / "a" / "summary.json").read_text())["teacher_cache"]["misses"] == first.teacher.misses
-    same = Trainer(tiny_recipe("eve_v1/2_pretrain", tmp_path / "b", "teacher.cache_mb=8", "max_steps=1"),
+    same = Trainer.from_recipe(tiny_recipe("eve_v1/2_pretrain", tmp_path / "b", "teacher.cache_mb=8", "max_steps=1"),
                    model=first.model, processor=first.processor, progress=False)
     assert same.teacher is first.teacher
-    other = Trainer(tiny_recipe("eve_v1/2_pretrain", tmp_path / "c", "teacher.cache_mb=8", "teacher.loss_weight=2",
+    other = Trainer.from_recipe(tiny_recipe("eve_v1/2_pretrain", tmp_path / "c", "teacher.cache_mb=8", "teacher.loss_weight=2",
                                 "max_steps=1"), model=first.model, processor=first.processor, progress=False)
     assert other.teacher is not first.teacher
 
@@ -261,7 +268,7 @@ def run_stage(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Stage
     def run(stage: str) -> StageRun:
         if stage not in cache:
             out = tmp_path_factory.mktemp(stage.replace("/", "-"))
-            trainer = Trainer(tiny_recipe(stage, out), progress=False)
+            trainer = Trainer.from_recipe(tiny_recipe(stage, out), progress=False)
             init = state(trainer.model)
             trainer.train()
             cache[stage] = StageRun(trainer, out, init, read_metrics(out))
@@ -382,7 +389,7 @@ def test_vision_experts_are_copied_from_text_before_training(run_stage, stage: s
 def test_stage_chaining_final_folder_initialises_the_next_stage(run_stage, tmp_path: Path) -> None:
     prev = run_stage("eve_v2/0_prealign")
     final = prev.out / "final"
-    trainer = Trainer(tiny_recipe("eve_v2/1_vision", tmp_path, f"model.init={final}", "model.tiny=false"), progress=False)
+    trainer = Trainer.from_recipe(tiny_recipe("eve_v2/1_vision", tmp_path, f"model.init={final}", "model.tiny=false"), progress=False)
     init = state(trainer.model)
     assert not (tmp_path / "init-tiny").exists()  # no fresh random model was built
     done = prev.trainer.model.state_dict()
@@ -500,7 +507,7 @@ def test_loss_is_averaged_per_token_across_accumulation(tmp_path: Path) -> None:
     runs = []
     for micro in (4, 8):
         out = tmp_path / f"micro{micro}"
-        trainer = Trainer(tiny_recipe("eve_v2/2_fullalign", out, f"micro_batch_size={micro}", "max_steps=2"), progress=False)
+        trainer = Trainer.from_recipe(tiny_recipe("eve_v2/2_fullalign", out, f"micro_batch_size={micro}", "max_steps=2"), progress=False)
         assert trainer.accum == 8 // micro
         trainer.train()
         runs.append((read_metrics(out), trainer.model.state_dict()))
@@ -516,11 +523,11 @@ def test_loss_is_averaged_per_token_across_accumulation(tmp_path: Path) -> None:
 @pytest.mark.parametrize("stage", ["eve_v1/1_prealign", "eve_v2/2_fullalign"])
 def test_killed_and_resumed_run_equals_uninterrupted_bit_for_bit(tmp_path: Path, stage: str) -> None:
     a_out, b_out = tmp_path / "a", tmp_path / "b"
-    a = Trainer(tiny_recipe(stage, a_out, "save_every=4"), progress=False)
+    a = Trainer.from_recipe(tiny_recipe(stage, a_out, "save_every=4"), progress=False)
     a.train()
     assert sorted(p.name for p in (a_out / "checkpoints").iterdir() if not p.name.startswith(".")) == ["step-4", "step-8"]
 
-    interrupted = Trainer(tiny_recipe(stage, b_out, "save_every=4"), progress=False)
+    interrupted = Trainer.from_recipe(tiny_recipe(stage, b_out, "save_every=4"), progress=False)
     interrupted.train(stop_after=6)  # "killed" after step 6: the last checkpoint is step 4
     del interrupted
     ckpts = b_out / "checkpoints"
@@ -532,7 +539,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_bit_for_bit(tmp_path: Path,
     (ckpts / "step-9" / "trainer_state.json").unlink()
     assert latest_checkpoint(b_out) == ckpts / "step-4"
 
-    resumed = Trainer(tiny_recipe(stage, b_out, "save_every=4"), progress=False)
+    resumed = Trainer.from_recipe(tiny_recipe(stage, b_out, "save_every=4"), progress=False)
     resumed.train(resume=True)
     final_a, final_b = a.model.state_dict(), resumed.model.state_dict()
     assert final_a.keys() == final_b.keys()
@@ -550,13 +557,13 @@ def test_killed_and_resumed_run_equals_uninterrupted_bit_for_bit(tmp_path: Path,
 
 
 def test_resume_without_a_checkpoint_starts_fresh(tmp_path: Path) -> None:
-    trainer = Trainer(tiny_recipe("eve_v2/0_prealign", tmp_path, "max_steps=2"), progress=False)
+    trainer = Trainer.from_recipe(tiny_recipe("eve_v2/0_prealign", tmp_path, "max_steps=2"), progress=False)
     assert latest_checkpoint(tmp_path) is None
-    assert trainer.resume() is False and trainer.step == 0
+    assert trainer.resume() is False and trainer.state.step == 0
 
 
 def test_keep_checkpoints_prunes_old_ones(tmp_path: Path) -> None:
-    Trainer(tiny_recipe("eve_v2/0_prealign", tmp_path, "save_every=2", "keep_checkpoints=2"), progress=False).train()
+    Trainer.from_recipe(tiny_recipe("eve_v2/0_prealign", tmp_path, "save_every=2", "keep_checkpoints=2"), progress=False).train()
     kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert kept == ["step-10", "step-8"]
     assert json.loads((tmp_path / "checkpoints/step-10/trainer_state.json").read_text())["step"] == 10
@@ -590,7 +597,7 @@ def test_broken_records_are_skipped_and_counted(tmp_path: Path, max_steps: int, 
         "eve_v2/0_prealign", tmp_path / "run", f"data.path={path}", f"data.image_root={tmp_path / 'data'}",
         "data.shuffle=false", f"max_steps={max_steps}",  # 40 good records = 5 steps of 8: one pass each
     )
-    Trainer(recipe, progress=False).train()
+    Trainer.from_recipe(recipe, progress=False).train()
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     expected = {"missing_image": passes, "corrupt_image": passes, "bad_json": passes, "no_assistant_turn": passes}
     assert summary["skipped_records"] == expected  # counted over every pass, not only the last one
@@ -604,7 +611,7 @@ def test_too_many_broken_records_stop_the_run(tmp_path: Path) -> None:
         "eve_v2/0_prealign", tmp_path / "run", f"data.path={path}", f"data.image_root={tmp_path / 'data'}",
         "data.max_broken_fraction=0.1",
     )
-    trainer = Trainer(recipe, progress=False)
+    trainer = Trainer.from_recipe(recipe, progress=False)
     with pytest.raises(TooManyBrokenRecords, match=r"records are broken \(limit 10\.0%\).*max_broken_fraction"):
         trainer.train()
     assert not (tmp_path / "run/final").exists()
@@ -629,8 +636,7 @@ def test_eve_train_command_runs_a_stage_and_resumes(tmp_path: Path) -> None:
 
 
 def test_freeze_patterns_hold_back_matching_parameters_and_tied_heads(tmp_path: Path) -> None:
-    from tiny import make_tiny_checkpoint
-
+    from eve_vlm.testing import make_tiny_checkpoint
     from eve_vlm.train import set_trainable
 
     path = make_tiny_checkpoint(tmp_path / "m", "v2", tie_word_embeddings=True)
