@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from eve_vlm.constants import IGNORE_INDEX
+from eve_vlm.model import next_token_targets
 from eve_vlm.quickstart.assets import smollm2_hf_folder
 from eve_vlm.quickstart.run import QuickstartConfig, _recipe, build_model, write_data
 from eve_vlm.train import Trainer
@@ -34,7 +35,7 @@ def step_seconds(model, batch: dict, only_targets: bool) -> float:
     vision = model.model.encode_images(pixels)
     sp = model.splice(batch["input_ids"], vision, batch["attention_mask"], batch["labels"], None, "right",
                       batch.get("branch_ids"))
-    targets = model._targets(sp)
+    targets = next_token_targets(sp)
     selected = targets != IGNORE_INDEX
     keep = F.pad(selected, (0, 1), value=False) if only_targets else None
     hidden, _ = model.model.run_layers(sp.embeds, sp.positions, sp.valid, branch_ids=sp.branches, keep=keep)

@@ -9,8 +9,9 @@ import torch
 
 from eve_vlm import EveConfig, EveForCausalLM
 from eve_vlm.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from eve_vlm.conversion import convert_llm
 from eve_vlm.generate import generate
-from eve_vlm.model import CheckpointError, ConfigError, convert_llm
+from eve_vlm.model import CheckpointError, ConfigError
 from eve_vlm.model.decoder import TokenRoute
 
 IMG = IMAGE_TOKEN_INDEX
@@ -395,7 +396,8 @@ def _tiny_hf_llm(folder, family: str):
 def test_convert_llm_keeps_the_llm_exactly(tmp_path, family, version):
     """Text-only logits of the converted model equal the Hugging Face LLM's."""
     hf = _tiny_hf_llm(tmp_path / "llm", family)
-    model = convert_llm(tmp_path / "llm", version, vision_hidden_size=16, out=tmp_path / "eve").eval()
+    model = convert_llm(tmp_path / "llm", version, vision_hidden_size=16).eval()
+    model.save_pretrained(tmp_path / "eve")
     ids = torch.tensor([[1, 5, 9, 22, 40, 3, 7]])
     with torch.no_grad():
         ref = hf(ids).logits

@@ -66,7 +66,7 @@ def test_reduced_quickstart(tmp_path, all_cores):
 
 
 def test_layer_lists_parse_and_format():
-    from eve_vlm.model.convert import format_layers, parse_layers
+    from eve_vlm.conversion import format_layers, parse_layers
 
     assert parse_layers("0-1,28-29") == (0, 1, 28, 29)
     assert format_layers((0, 1, 5, 28, 29)) == "0-1,5,28-29"

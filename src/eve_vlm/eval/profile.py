@@ -38,7 +38,7 @@ from ..constants import IMAGE_TOKEN_INDEX
 from ..model.config import EveConfig
 from ..model.eve import EveForCausalLM
 from ..processing.images import EveImageConfig, num_image_tokens_for_size, pixel_size
-from ..processing.presets import preset_for, resolve_image_config
+from ..processing.presets import DEFAULT_PRESET, released_geometry, resolve_image_config
 
 logger = logging.getLogger(__name__)
 
@@ -110,9 +110,11 @@ class ProfileTarget:
         return int(side), int(side)
 
 
-def _vicuna_7b(version: str = "v1") -> EveConfig:
+def _vicuna_7b(preset: str) -> EveConfig:
+    """Vicuna-7B's decoder with the vision geometry of a released preset."""
+    geometry = released_geometry(preset)
     return EveConfig(
-        version=version,  # type: ignore[arg-type]
+        version=geometry.version,
         family="llama",
         vocab_size=32000,
         hidden_size=4096,
@@ -123,17 +125,17 @@ def _vicuna_7b(version: str = "v1") -> EveConfig:
         rms_norm_eps=1e-5,
         rope_theta=10000.0,
         max_position_embeddings=4096,
-        vision_hidden_size=1024,
-        patch_stride=14,
-        merge_stride=2,
+        **geometry.model_fields(),
         vision_num_heads=8,
         projector_type="mlp2x_gelu",
     )
 
 
-def _qwen25_7b_eve_v2() -> EveConfig:
+def _qwen25_7b_eve_v2(preset: str) -> EveConfig:
+    """Qwen2.5-7B's decoder with modality experts and the vision geometry of a released preset."""
+    geometry = released_geometry(preset)
     return EveConfig(
-        version="v2",
+        version=geometry.version,
         family="qwen2",
         vocab_size=152064,
         hidden_size=3584,
@@ -145,41 +147,35 @@ def _qwen25_7b_eve_v2() -> EveConfig:
         rms_norm_eps=1e-6,
         rope_theta=1_000_000.0,
         max_position_embeddings=32768,
-        vision_hidden_size=1024,
-        patch_stride=16,
-        merge_stride=2,
+        **geometry.model_fields(),
         modality_experts=True,
     )
 
 
-def _preset(name: str) -> EveImageConfig:
-    cfg = preset_for(name)
-    assert cfg is not None, name
-    return cfg
+def _released(name: str, description: str, config: EveConfig, preset: str) -> ProfileTarget:
+    return ProfileTarget(name, description, config, released_geometry(preset).image_config())
 
 
 def builtin_targets() -> dict[str, ProfileTarget]:
-    """The released 7B models and the LLaVA-1.5 reference row (dimensions from spec sections 1, 4)."""
+    """The released 7B models and the LLaVA-1.5 reference row.
+
+    Decoders are the released LLMs' (Vicuna-7B for v1 and LLaVA, Qwen2.5-7B for v2); the vision
+    geometry comes from the released-geometry table.
+    """
+    v1, v1_hd, v2_hd = "eve-patch14-anypixel-672", "eve-patch14-anypixel-1344", "eve-anyratio-res1600-patch16"
     return {
-        "eve-7b-v1": ProfileTarget(
-            "eve-7b-v1", "EVE-7B (v1, Vicuna-7B, 672 px)", _vicuna_7b(), _preset("eve-patch14-anypixel-672")
-        ),
-        "eve-7b-hd-v1": ProfileTarget(
-            "eve-7b-hd-v1",
-            "EVE-7B-HD (v1, Vicuna-7B, 1344 px)",
-            _vicuna_7b(),
-            _preset("eve-patch14-anypixel-1344"),
-        ),
-        "eve-7b-hd-v2": ProfileTarget(
+        "eve-7b-v1": _released("eve-7b-v1", "EVE-7B (v1, Vicuna-7B, 672 px)", _vicuna_7b(v1), v1),
+        "eve-7b-hd-v1": _released("eve-7b-hd-v1", "EVE-7B-HD (v1, Vicuna-7B, 1344 px)", _vicuna_7b(v1_hd), v1_hd),
+        "eve-7b-hd-v2": _released(
             "eve-7b-hd-v2",
             "EVEv2-7B-HD (Qwen2.5-7B, modality experts, max_size 1600)",
-            _qwen25_7b_eve_v2(),
-            _preset("eve-anyratio-res1600-patch16"),
+            _qwen25_7b_eve_v2(v2_hd),
+            v2_hd,
         ),
         "llava-1.5-7b": ProfileTarget(
             "llava-1.5-7b",
             "LLaVA-1.5-7B (CLIP ViT-L/14-336 + mlp2x_gelu projector + Vicuna-7B)",
-            _vicuna_7b(),
+            _vicuna_7b(v1),
             clip=ClipVisionSpec(),
         ),
     }
@@ -205,9 +201,9 @@ def load_target(name_or_path: str) -> ProfileTarget:
     try:
         image_config = resolve_image_config(folder, data)
     except FileNotFoundError as exc:
-        default = "eve-patch14-anypixel-672" if config.version == "v1" else "eve-anyratio-res800-patch16"
+        default = DEFAULT_PRESET[config.version]
         logger.warning("%s; using the built-in %s geometry", exc, default)
-        image_config = _preset(default)
+        image_config = released_geometry(default).image_config()
     if image_config.version != config.version:
         raise ValueError(
             f"{folder}: image config is {image_config.version} but the model is {config.version}"

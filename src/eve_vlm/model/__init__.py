@@ -1,10 +1,14 @@
-"""The EVE model: one configurable decoder, the patch embeddings and the aligning layer."""
+"""The EVE model: one configurable decoder, the patch embeddings and the aligning layer.
+
+`model/` builds and runs models and reads/writes their checkpoints; it never imports the
+processing, training or quickstart layers (LLM conversion lives in `eve_vlm.conversion`).
+"""
 
 from .aligning import ClipTeacher, PatchAligningLayer, Teacher
-from .checkpoint import CheckpointError, convert_llm
+from .checkpoint import CheckpointError
 from .config import ConfigError, EveConfig
 from .decoder import KVCache
-from .eve import EveForCausalLM, EveOutput
+from .eve import EveForCausalLM, EveOutput, next_token_targets
 
 __all__ = [
     "CheckpointError",
@@ -16,5 +20,5 @@ __all__ = [
     "KVCache",
     "PatchAligningLayer",
     "Teacher",
-    "convert_llm",
+    "next_token_targets",
 ]

@@ -4,7 +4,7 @@ Families differ only by config values. EVEv2's vision copies of the norms, q/k/v
 and MLP are applied by *routing*: visual tokens are gathered and sent through the vision weights,
 text tokens through the text weights, and the results are put back in order. The official code
 evaluates both branches on every token and blends them (twice the FLOPs, and an inf/NaN in the
-unused branch poisons the token: spec §9 items 5 and 15); we never do that.
+unused branch poisons the token, since inf * 0 = NaN); we never do that.
 """
 
 from __future__ import annotations
@@ -412,7 +412,8 @@ class Decoder(nn.Module):
         """Run every layer; returns the final-normed hidden states and the requested hidden states.
 
         `collect` uses the Hugging Face `hidden_states` indexing: 0 = embeddings, k = output of layer
-        k, num_layers = after the final norm. Only the requested ones are kept (spec §9 item 16).
+        k, num_layers = after the final norm. Only the requested ones are kept (stacking every layer's
+        hidden states for the whole sequence would cost gigabytes at 7B).
         With a bool `keep` [B, L], the final hidden states are those of the kept positions only,
         [N, D] in row-major order (`x[keep]`), and the last layer computes no others (`QueryRows`).
         """

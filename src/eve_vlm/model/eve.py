@@ -17,8 +17,9 @@ from torch import Tensor, nn
 
 from ..constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from .aligning import PatchAligningLayer, Teacher, cosine_alignment_loss
+from .checkpoint import read_checkpoint, save_checkpoint
 from .config import EveConfig
-from .decoder import Decoder, KVCache
+from .decoder import Decoder, KVCache, rope_inv_freq
 from .vision import PatchEmbeddingV1, PatchEmbeddingV2, VisionOutput, build_projector, crop_official_layout
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,9 @@ class EveForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.teacher: Teacher | None = None  # frozen, never saved, never a registered submodule
         self.aligning_loss_weight = 1.0
+        # Aligning-layer weights loaded from a training checkpoint, kept until a training stage
+        # attaches a teacher (the layer cannot be built without knowing the teacher's width).
+        self.pending_aligning_weights: dict[str, Tensor] | None = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -281,7 +285,7 @@ class EveForCausalLM(nn.Module):
         collect = frozenset(aligner.layer_idx) if want_align else frozenset()  # type: ignore[union-attr]
         # Only the final hidden states something reads are computed by the last layer: those with a
         # target (training without logits) or the last `logits_to_keep` (a prefill).
-        targets = self._targets(sp) if sp.labels is not None else None
+        targets = next_token_targets(sp) if sp.labels is not None else None
         keep = None
         if self.config.num_hidden_layers not in collect:
             if targets is not None and not return_logits:
@@ -317,17 +321,6 @@ class EveForCausalLM(nn.Module):
             out.aligning_loss = self._aligning_loss(kept, sp, vision, teacher_pixels, teacher_masks)  # type: ignore[arg-type]
             out.loss = out.aligning_loss * self.aligning_loss_weight + (out.lm_loss if out.lm_loss is not None else 0)
         return out
-
-    @staticmethod
-    def _targets(sp: Spliced) -> Tensor:
-        """Next-token targets [B, L-1]: never across packed samples, nor across branches (a
-        branch's first token is never a target)."""
-        targets = sp.labels[:, 1:]  # type: ignore[index]
-        if sp.segments is not None:
-            targets = targets.masked_fill(sp.segments[:, 1:] != sp.segments[:, :-1], IGNORE_INDEX)
-        if sp.branches is not None:
-            targets = targets.masked_fill(sp.branches[:, 1:] != sp.branches[:, :-1], IGNORE_INDEX)
-        return targets
 
     def _lm_loss(self, out: EveOutput, targets: Tensor, hidden: Tensor, only_targets: bool) -> None:
         """Mean and summed cross-entropy over the targets, from the full hidden states [B, L, D] or,
@@ -422,14 +415,31 @@ class EveForCausalLM(nn.Module):
         device: str | torch.device | None = None,
         keep_training_weights: bool = False,
     ) -> EveForCausalLM:
-        from .checkpoint import load_model
+        """Load our checkpoints and the released EVE ones (weights kept in their stored dtype, fp16
+        promoted to fp32, unless `dtype` says otherwise).
 
-        return load_model(cls, path, dtype=dtype, device=device, keep_training_weights=keep_training_weights)
+        `keep_training_weights` keeps a stored v1 patch aligning layer in
+        `pending_aligning_weights`, for a trainer to continue it.
+        """
+        ckpt = read_checkpoint(path)
+        config = ckpt.config
+        with torch.device("meta"):
+            model = cls(config)
+        ckpt.check_keys(set(model.state_dict()))
+        model.load_state_dict(ckpt.cast(dtype), strict=False, assign=True)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        # Non-persistent buffers were created on the meta device: rebuild them.
+        model.model.rotary_emb.inv_freq = rope_inv_freq(config)
+        model.to(device=device or "cpu")
+        if keep_training_weights:
+            model.pending_aligning_weights = ckpt.aligning_weights
+        model.eval()
+        return model
 
     def save_pretrained(self, path: str | Path, *, include_aligning_layer: bool = True) -> None:
-        from .checkpoint import save_model
-
-        save_model(self, path, include_aligning_layer=include_aligning_layer)
+        """Write config.json + model.safetensors atomically; other files in `path` are kept."""
+        save_checkpoint(self.config, self.state_dict(), path, include_aligning_layer=include_aligning_layer)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         seen: set[int] = set()
@@ -440,6 +450,19 @@ class EveForCausalLM(nn.Module):
             seen.add(id(p))
             total += p.numel()
         return total
+
+
+def next_token_targets(spliced: Spliced) -> Tensor:
+    """Next-token targets [B, L-1] of a spliced batch with labels: never across packed samples,
+    nor across branches (a branch's first token is never a target)."""
+    if spliced.labels is None:
+        raise ValueError("next_token_targets needs a batch spliced with labels")
+    targets = spliced.labels[:, 1:]
+    if spliced.segments is not None:
+        targets = targets.masked_fill(spliced.segments[:, 1:] != spliced.segments[:, :-1], IGNORE_INDEX)
+    if spliced.branches is not None:
+        targets = targets.masked_fill(spliced.branches[:, 1:] != spliced.branches[:, :-1], IGNORE_INDEX)
+    return targets
 
 
 def _run_starts(change: Tensor) -> Tensor:

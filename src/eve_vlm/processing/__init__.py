@@ -17,7 +17,15 @@ from .images import (
     v2_output_size,
     v2_pixels,
 )
-from .presets import preset_for, preset_names, resolve_image_config
+from .presets import (
+    DEFAULT_PRESET,
+    RELEASED_GEOMETRY,
+    ReleasedGeometry,
+    preset_for,
+    preset_names,
+    released_geometry,
+    resolve_image_config,
+)
 from .processor import EveProcessor
 from .templates import (
     TEMPLATES,
@@ -39,6 +47,8 @@ from .tokenization import (
 
 __all__ = [
     "CLIP_MEAN",
+    "DEFAULT_PRESET",
+    "RELEASED_GEOMETRY",
     "CLIP_STD",
     "TEMPLATES",
     "ChatTemplate",
@@ -48,6 +58,7 @@ __all__ = [
     "EveProcessor",
     "ImageError",
     "Message",
+    "ReleasedGeometry",
     "band_geometry",
     "default_template_for",
     "encode_caption",
@@ -62,6 +73,7 @@ __all__ = [
     "pixel_size",
     "preset_for",
     "preset_names",
+    "released_geometry",
     "resolve_image_config",
     "tokenize_with_images",
     "tokenizer_adds_bos",

@@ -227,5 +227,5 @@ def get_template(name: str | ChatTemplate) -> ChatTemplate:
 
 
 def default_template_for(version: str) -> str:
-    """The official training template per EVE version (spec 5 / 6)."""
+    """The template the official training scripts use per EVE version (v1: vicuna_v1, v2: qwen2)."""
     return {"v1": "vicuna_v1", "v2": "qwen2"}[version]

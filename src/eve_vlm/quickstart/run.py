@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..model.config import PATCH_ACTIVATIONS
-from ..model.convert import format_layers
+from ..conversion import format_layers
 
 logger = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ def write_data(folder: Path, cfg: QuickstartConfig) -> dict[str, Path]:
 
 # ---------------------------------------------------------------------- model
 def build_model(llm: Path, cfg: QuickstartConfig):
-    from ..model.convert import convert_llm_folder
+    from ..conversion import convert_llm_folder
     from ..processing.images import EveImageConfig
     from .easy_vqa_data import dataset_pixel_stats
 
