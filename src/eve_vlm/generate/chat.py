@@ -10,7 +10,6 @@ ends earlier and a few more tokens are fed.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,9 +20,9 @@ from torch import Tensor
 
 from ..constants import IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX
 from ..model.decoder import KVCache
-from .answer import _eos_ids
 from .core import GenerationResult, stream_text
 from .sampling import GenerationConfig
+from .stopping import resolve_config
 
 if TYPE_CHECKING:
     from ..model.eve import EveForCausalLM
@@ -149,13 +148,12 @@ class ChatSession:
         self.last_stats = TurnStats(
             prompt_tokens=sum(spans), reused_tokens=sum(spans[:reuse]), fed_tokens=sum(spans[reuse:])
         )
-        cfg = dataclasses.replace(
+        cfg = resolve_config(
+            self.model,
             self.config,
-            eos_token_id=list(self.config.eos_token_id),
-            stop_strings=list(self.config.stop_strings),
+            tokenizer=self.processor.tokenizer,
+            stop_strings=getattr(self.processor, "stop_strings", None),
         )
-        if not cfg.eos_token_id:
-            cfg.eos_token_id = _eos_ids(self.model, self.processor)
         res = GenerationResult([], [])
         # The cache is rebuilt by this turn; if it fails half way, nothing stale may be reused.
         self._cache, self._ids, self._spans = None, [], []

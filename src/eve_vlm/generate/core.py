@@ -15,6 +15,8 @@ from torch import Tensor
 
 from ..model.decoder import KVCache
 from .sampling import GenerationConfig, select_next
+from .stopping import resolve_config
+from .text import TextDeltas
 
 if TYPE_CHECKING:
     from ..model.eve import EveForCausalLM
@@ -34,15 +36,6 @@ class GenerationResult:
     sequences: list[list[int]]  # new tokens per row (EOS and stop-string tokens excluded)
     finish_reasons: list[str]  # "eos", "stop" or "length"
     cache: KVCache | None = None  # the cache after generation (batch of 1 only; for chat reuse)
-
-
-def make_config(model: EveForCausalLM, config: GenerationConfig | None = None, **kwargs: Any) -> GenerationConfig:
-    cfg = config or GenerationConfig(**kwargs)
-    if config is not None and kwargs:
-        raise ValueError("pass either a GenerationConfig or keyword arguments, not both")
-    if not cfg.eos_token_id:
-        cfg.eos_token_id = model.config.eos_token_ids
-    return cfg
 
 
 @torch.inference_mode()
@@ -67,7 +60,7 @@ def iter_generate(
     generator = None
     if config.seed is not None:
         generator = torch.Generator(device=device).manual_seed(config.seed)
-    res = result if result is not None else GenerationResult([[] for _ in range(b)], ["length"] * b)
+    res = result if result is not None else GenerationResult([], [])
     res.sequences = [[] for _ in range(b)]
     res.finish_reasons = ["length"] * b
     if config.max_new_tokens == 0:
@@ -83,53 +76,55 @@ def iter_generate(
         logits_to_keep=1,
     )
     cache = out.past_key_values
-    vocab = out.logits.shape[-1]
-    seen = torch.zeros(b, vocab, dtype=torch.bool, device=device)
-    if config.repetition_penalty != 1.0:
-        prompt = input_ids.clamp(min=0).masked_fill(~mask.bool(), 0)
-        seen.scatter_(1, prompt, (mask.bool() & (input_ids >= 0)))
-    eos = torch.tensor(config.eos_token_id or [-1], device=device)
-    active = list(range(b))
     logits = out.logits[:, -1]
+    seen = None  # [rows, vocab] tokens already in prompt or output; only a penalty needs them
+    if config.repetition_penalty != 1.0:
+        seen = torch.zeros(b, logits.shape[-1], dtype=torch.bool, device=device)
+        prompt = input_ids.clamp(min=0).masked_fill(~mask.bool(), 0)
+        seen.scatter_(1, prompt, mask.bool() & (input_ids >= 0))
+    eos = set(config.eos_token_id)
     max_stop = max((len(s) for s in config.stop_strings), default=0)
-    for _ in range(config.max_new_tokens):
+    active = list(range(b))
+    for n_new in range(1, config.max_new_tokens + 1):
         nxt = select_next(logits, seen, config, generator)
-        seen[torch.arange(len(active), device=device), nxt] = True
+        if seen is not None:
+            seen.scatter_(1, nxt[:, None], True)
+        # The step's one device-to-host transfer; consumers need the tokens on the host anyway,
+        # so EOS and stop checks run there rather than as extra kernels and syncs.
         tokens = nxt.tolist()
-        is_eos = torch.isin(nxt, eos).tolist()
-        step = Step(rows=list(active), tokens=tokens)
-        keep: list[int] = []
-        for k, row in enumerate(active):
-            if is_eos[k]:
+        finished: list[int] = []
+        for row, token in zip(active, tokens, strict=True):
+            if token in eos:
                 res.finish_reasons[row] = "eos"
-                step.finished.append(row)
+                finished.append(row)
                 continue
-            res.sequences[row].append(tokens[k])
-            if max_stop and _hit_stop(res, row, tokenizer, config.stop_strings, max_stop):
+            seq = res.sequences[row]
+            seq.append(token)
+            if max_stop and _hit_stop(seq, tokenizer, config.stop_strings, max_stop):
                 res.finish_reasons[row] = "stop"
-                step.finished.append(row)
-                continue
-            keep.append(k)
-        yield step
-        if not keep:
-            break
-        if len(keep) < len(active):
+                finished.append(row)
+        yield Step(rows=active, tokens=tokens, finished=finished)
+        if finished:
+            done = set(finished)
+            keep = [k for k, row in enumerate(active) if row not in done]
+            if not keep:
+                break
             keep_t = torch.tensor(keep, device=device)
             cache.select_rows(keep_t)
-            seen = seen[keep_t]
+            seen = seen[keep_t] if seen is not None else None
             nxt = nxt[keep_t]
             active = [active[k] for k in keep]
-        if len(res.sequences[active[0]]) >= config.max_new_tokens:
+        if n_new == config.max_new_tokens:
             break
-        out = model(nxt[:, None], attention_mask=torch.ones_like(nxt[:, None]), past_key_values=cache, use_cache=True)
+        step_ids = nxt[:, None]
+        out = model(step_ids, attention_mask=torch.ones_like(step_ids), past_key_values=cache, use_cache=True)
         logits = out.logits[:, -1]
     if b == 1:
         res.cache = cache
 
 
-def _hit_stop(res: GenerationResult, row: int, tokenizer: Any, stops: list[str], max_stop: int) -> bool:
-    """Check the tail of the row's text for a stop string; trim the tokens that produced it."""
-    seq = res.sequences[row]
+def _hit_stop(seq: list[int], tokenizer: Any, stops: list[str], max_stop: int) -> bool:
+    """Check the tail of a row's text for a stop string; trim the tokens that produced it."""
     tail_tokens = max_stop + 4
     tail = tokenizer.decode(seq[-tail_tokens:], skip_special_tokens=False)
     if not any(s in tail for s in stops):
@@ -155,43 +150,25 @@ def generate(
     past_key_values: KVCache | None = None,
     **kwargs: Any,
 ) -> GenerationResult:
-    """Generate for a (left-padded) batch; returns the new tokens of every row."""
-    cfg = make_config(model, config, **kwargs)
+    """Generate for a (left-padded) batch; returns the new tokens of every row.
+
+    Without explicit `eos_token_id`, rows end at `eos_token_ids(model.config, tokenizer)`.
+    """
+    cfg = resolve_config(model, config, tokenizer=tokenizer, **kwargs)
     res = GenerationResult([], [])
-    for _ in iter_generate(
-        model, input_ids, images, attention_mask, config=cfg, tokenizer=tokenizer, past_key_values=past_key_values, result=res
-    ):
+    steps = iter_generate(
+        model,
+        input_ids,
+        images,
+        attention_mask,
+        config=cfg,
+        tokenizer=tokenizer,
+        past_key_values=past_key_values,
+        result=res,
+    )
+    for _ in steps:
         pass
     return res
-
-
-class TextDeltas:
-    """Turns growing token lists into printable text deltas (holds back incomplete UTF-8)."""
-
-    def __init__(self, tokenizer: Any, rows: int, stop_strings: list[str] | None = None) -> None:
-        self.tokenizer = tokenizer
-        self.emitted = [""] * rows
-        self.stops = [s for s in (stop_strings or []) if s]
-
-    def delta(self, row: int, tokens: list[int], final: bool = False) -> str:
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        if not final:
-            if text.endswith("\ufffd"):
-                return ""
-            text = text[: len(text) - self._stop_prefix_len(text)]
-        piece = text[len(self.emitted[row]) :] if text.startswith(self.emitted[row]) else ""
-        self.emitted[row] = text
-        return piece
-
-    def _stop_prefix_len(self, text: str) -> int:
-        """Length of the longest tail of `text` that could be the start of a stop string."""
-        best = 0
-        for stop in self.stops:
-            for n in range(min(len(stop) - 1, len(text)), best, -1):
-                if stop.startswith(text[-n:]):
-                    best = n
-                    break
-        return best
 
 
 def stream_text(
@@ -207,15 +184,23 @@ def stream_text(
     **kwargs: Any,
 ) -> Iterator[tuple[int, str]]:
     """Yield `(row, text_piece)` as tokens arrive; the pieces of a row concatenate to its answer."""
-    cfg = make_config(model, config, **kwargs)
-    if not cfg.stop_strings:
-        cfg.stop_strings = list(getattr(processor, "stop_strings", []) or [])
     tok = processor.tokenizer
+    cfg = resolve_config(
+        model, config, tokenizer=tok, stop_strings=getattr(processor, "stop_strings", None), **kwargs
+    )
     res = result if result is not None else GenerationResult([], [])
     deltas = TextDeltas(tok, input_ids.shape[0], cfg.stop_strings)
-    for step in iter_generate(
-        model, input_ids, images, attention_mask, config=cfg, tokenizer=tok, past_key_values=past_key_values, result=res
-    ):
+    steps = iter_generate(
+        model,
+        input_ids,
+        images,
+        attention_mask,
+        config=cfg,
+        tokenizer=tok,
+        past_key_values=past_key_values,
+        result=res,
+    )
+    for step in steps:
         for row in step.rows:
             piece = deltas.delta(row, res.sequences[row])
             if piece:

@@ -10,7 +10,11 @@ from torch import Tensor
 
 @dataclass
 class GenerationConfig:
-    """Hugging Face-like generation arguments."""
+    """Hugging Face-like generation arguments: the one sampling type of `generate`, chat and the server.
+
+    Empty `eos_token_id` / `stop_strings` mean "the model's and the template's", filled in by
+    `eve_vlm.generate.stopping.resolve_config`.
+    """
 
     max_new_tokens: int = 128
     do_sample: bool = False
@@ -38,9 +42,12 @@ class GenerationConfig:
             self.do_sample = False
 
 
-def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
-    """CTRL-style penalty on tokens already in the prompt or output (`seen` is a [B, V] bool mask)."""
-    if penalty == 1.0:
+def apply_repetition_penalty(logits: Tensor, seen: Tensor | None, penalty: float) -> Tensor:
+    """CTRL-style penalty on tokens already in the prompt or output (`seen` is a [B, V] bool mask).
+
+    With penalty 1 nothing changes, and callers may skip keeping `seen` at all (None).
+    """
+    if penalty == 1.0 or seen is None:
         return logits
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
@@ -60,8 +67,10 @@ def filter_top_k_top_p(logits: Tensor, top_k: int, top_p: float) -> Tensor:
     return logits
 
 
-def select_next(logits: Tensor, seen: Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> Tensor:
-    """[B, V] float logits -> [B] next token ids."""
+def select_next(
+    logits: Tensor, seen: Tensor | None, cfg: GenerationConfig, generator: torch.Generator | None
+) -> Tensor:
+    """[B, V] float logits -> [B] next token ids (`seen` may be None when there is no penalty)."""
     logits = apply_repetition_penalty(logits.float(), seen, cfg.repetition_penalty)
     if not cfg.do_sample:
         return logits.argmax(dim=-1)

@@ -1,7 +1,7 @@
 """OpenAI-compatible HTTP serving with dynamic batching, and the web demo."""
 
 from .app import ServerSettings, create_app
-from .batcher import Batcher, Event, GenRequest, QueueFullError, SamplingParams, Ticket
+from .batcher import Batcher, Event, GenRequest, QueueFullError, Ticket
 from .inputs import RequestError, ServerLimits, build_request
 
 __all__ = [
@@ -10,7 +10,6 @@ __all__ = [
     "GenRequest",
     "QueueFullError",
     "RequestError",
-    "SamplingParams",
     "ServerLimits",
     "ServerSettings",
     "Ticket",

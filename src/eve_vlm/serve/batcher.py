@@ -6,11 +6,17 @@ Rows of a batch generate exactly what they generate alone, so batching changes t
 answers. Requests are batched only with requests whose sampling settings match: all greedy requests
 share a batch, unseeded sampled requests share one when temperature/top-p/top-k/penalty agree, and a
 seeded sampled request runs alone so its seed gives the same tokens every time.
+
+A request's `GenerationConfig.stop_strings` are its own stop sequences (OpenAI's `stop`): the text
+ends right before the first one. The chat template's stop strings and the EOS ids come from the
+model and processor (`eos_token_ids`), the same rule `generate` and `answer` follow. Text is
+detokenised incrementally (`TextDeltas`), so the work per token does not grow with the answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import queue
@@ -18,15 +24,16 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from ..generate.answer import _eos_ids
-from ..generate.core import GenerationResult, TextDeltas, iter_generate
+from ..generate import stopping
+from ..generate.core import GenerationResult, iter_generate
 from ..generate.sampling import GenerationConfig
+from ..generate.text import TextDeltas
 
 if TYPE_CHECKING:
     from ..model.eve import EveForCausalLM
@@ -38,27 +45,13 @@ class QueueFullError(RuntimeError):
     """The server has more waiting requests than it accepts."""
 
 
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = 128
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    def batch_key(self, unique: int) -> tuple:
-        """Requests with equal keys can share a batch."""
-        if self.greedy:
-            return ("greedy", self.repetition_penalty)
-        if self.seed is not None:
-            return ("seeded", unique)
-        return ("sample", self.temperature, self.top_p, self.top_k, self.repetition_penalty)
+def batch_key(config: GenerationConfig, unique: int) -> tuple:
+    """Requests with equal keys can share a batch (`unique` keeps a seeded request alone)."""
+    if not config.do_sample:
+        return ("greedy", config.repetition_penalty)
+    if config.seed is not None:
+        return ("seeded", unique)
+    return ("sample", config.temperature, config.top_p, config.top_k, config.repetition_penalty)
 
 
 @dataclass
@@ -74,7 +67,7 @@ class Event:
 class GenRequest:
     input_ids: list[int]  # one prompt, IMAGE_TOKEN_INDEX at each image
     images: list[Tensor]  # processed pixels in placeholder order
-    params: SamplingParams
+    config: GenerationConfig  # stop_strings: this request's own stop sequences
     prompt_tokens: int = 0  # with images expanded (for usage reporting)
 
 
@@ -131,8 +124,7 @@ class _Row:
     """Per-request decoding state inside a running batch."""
 
     ticket: Ticket
-    deltas: TextDeltas
-    stops: list[str]
+    deltas: TextDeltas  # one row; cuts the text at the request's stop sequences
     started: bool = False
     done: bool = False
 
@@ -158,7 +150,9 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000
         self.max_queue = max_queue
-        self.eos_token_ids = eos_token_ids if eos_token_ids is not None else _eos_ids(model, processor)
+        self.eos_token_ids = (
+            eos_token_ids if eos_token_ids is not None else stopping.eos_token_ids(model.config, processor)
+        )
         self.template_stops = list(getattr(processor, "stop_strings", []) or [])
         self.pad_id = int(processor.pad_token_id)
         self._waiting: deque[tuple[tuple, Ticket]] = deque()
@@ -203,7 +197,7 @@ class Batcher:
                 raise QueueFullError(
                     f"{len(self._waiting)} requests are waiting (max_queue={self.max_queue})"
                 )
-            self._waiting.append((request.params.batch_key(next(self._ids)), ticket))
+            self._waiting.append((batch_key(request.config, next(self._ids)), ticket))
             self._cond.notify_all()
         return ticket
 
@@ -265,25 +259,16 @@ class Batcher:
         return ids, mask, images
 
     def _run_batch(self, batch: list[Ticket]) -> None:
-        params = batch[0].request.params
-        cfg = GenerationConfig(
-            max_new_tokens=max(t.request.params.max_new_tokens for t in batch),
-            do_sample=not params.greedy,
-            temperature=params.temperature if not params.greedy else 1.0,
-            top_p=params.top_p,
-            top_k=params.top_k,
-            repetition_penalty=params.repetition_penalty,
+        first = batch[0].request.config
+        cfg = dataclasses.replace(
+            first,
+            max_new_tokens=max(t.request.config.max_new_tokens for t in batch),
             eos_token_id=list(self.eos_token_ids),
             stop_strings=list(self.template_stops),
-            seed=params.seed,
         )
         ids, mask, images = self._collate(batch)
         rows = [
-            _Row(
-                t,
-                TextDeltas(self.tokenizer, 1, self.template_stops + t.request.params.stop),
-                t.request.params.stop,
-            )
+            _Row(t, TextDeltas(self.tokenizer, 1, self.template_stops, t.request.config.stop_strings))
             for t in batch
         ]
         self.batches_run += 1
@@ -293,6 +278,7 @@ class Batcher:
             self.model, ids, images or None, mask, config=cfg, tokenizer=self.tokenizer, result=res
         )
         for step in steps:
+            finished = set(step.finished)
             for i in step.rows:
                 row = rows[i]
                 if row.done:
@@ -301,9 +287,9 @@ class Batcher:
                     row.done = True
                     continue
                 seq = res.sequences[i]
-                if i in step.finished:
+                if i in finished:
                     self._finish(row, seq, res.finish_reasons[i])
-                elif len(seq) >= row.ticket.request.params.max_new_tokens:
+                elif len(seq) >= row.ticket.request.config.max_new_tokens:
                     self._finish(row, seq, "length")
                 else:
                     self._advance(row, seq)
@@ -323,34 +309,14 @@ class Batcher:
         if piece:
             row.ticket.push(Event("delta", piece))
 
-    def _stop_cut(self, row: _Row, seq: list[int]) -> str | None:
-        """The text before the first request stop string, or None when none occurred."""
-        if not row.stops:
-            return None
-        text = self.tokenizer.decode(seq, skip_special_tokens=True)
-        hits = [text.find(s) for s in row.stops if s in text]
-        return text[: min(hits)] if hits else None
-
     def _advance(self, row: _Row, seq: list[int]) -> None:
-        cut = self._stop_cut(row, seq)
-        if cut is not None:
-            self._emit(
-                row, cut[len(row.deltas.emitted[0]) :] if cut.startswith(row.deltas.emitted[0]) else ""
-            )
-            self._done(row, len(seq), "stop")
-            return
         self._emit(row, row.deltas.delta(0, seq))
+        if row.deltas.stopped[0]:
+            self._done(row, len(seq), "stop")
 
     def _finish(self, row: _Row, seq: list[int], reason: str) -> None:
-        cut = self._stop_cut(row, seq)
-        if cut is not None:
-            self._emit(
-                row, cut[len(row.deltas.emitted[0]) :] if cut.startswith(row.deltas.emitted[0]) else ""
-            )
-            reason = "stop"
-        else:
-            self._emit(row, row.deltas.delta(0, seq, final=True))
-        self._done(row, len(seq), reason)
+        self._emit(row, row.deltas.delta(0, seq, final=True))
+        self._done(row, len(seq), "stop" if row.deltas.stopped[0] else reason)
 
     def _done(self, row: _Row, n_tokens: int, reason: str) -> None:
         row.done = True

@@ -14,8 +14,9 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from ..constants import IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX
+from ..generate.sampling import GenerationConfig
 from ..processing.images import ImageError, load_image
-from .batcher import GenRequest, SamplingParams
+from .batcher import GenRequest
 from .schemas import ChatCompletionRequest, ImagePart, TextPart
 
 logger = logging.getLogger(__name__)
@@ -109,7 +110,8 @@ def _download(url: str, param: str, limits: ServerLimits) -> bytes:
         raise RequestError(f"cannot fetch the image: {exc}", param) from exc
 
 
-def _sampling(req: ChatCompletionRequest, limits: ServerLimits) -> SamplingParams:
+def _sampling(req: ChatCompletionRequest, limits: ServerLimits) -> GenerationConfig:
+    """The request's generation settings; temperature absent or 0 means greedy."""
     max_new = (
         req.output_limit
         if req.output_limit is not None
@@ -120,20 +122,22 @@ def _sampling(req: ChatCompletionRequest, limits: ServerLimits) -> SamplingParam
         raise RequestError(
             f"{field}={max_new} exceeds this server's limit of {limits.max_output_tokens}", field
         )
-    return SamplingParams(
+    temperature = req.temperature or 0.0
+    return GenerationConfig(
         max_new_tokens=max_new,
-        temperature=req.temperature or 0.0,
+        do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else 1.0,
         top_p=req.top_p,
         top_k=req.top_k,
         repetition_penalty=req.repetition_penalty,
         seed=req.seed,
-        stop=req.stop_list,
+        stop_strings=req.stop_list,
     )
 
 
 def build_request(req: ChatCompletionRequest, processor: Any, limits: ServerLimits) -> GenRequest:
     """Load and check images, render the conversation, count tokens; raises `RequestError`."""
-    params = _sampling(req, limits)
+    config = _sampling(req, limits)
     messages: list[dict[str, str]] = []
     sources: list[tuple[str, str]] = []  # (url, param) in placeholder order
     for i, msg in enumerate(req.messages):
@@ -192,4 +196,4 @@ def build_request(req: ChatCompletionRequest, processor: Any, limits: ServerLimi
             "messages",
         )
     assert sum(1 for t in ids if t == IMAGE_TOKEN_INDEX) == len(pixels)
-    return GenRequest(input_ids=ids, images=pixels, params=params, prompt_tokens=prompt_tokens)
+    return GenRequest(input_ids=ids, images=pixels, config=config, prompt_tokens=prompt_tokens)
