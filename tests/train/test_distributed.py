@@ -23,7 +23,7 @@ from eve_vlm.train import Recipe, Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 SRC = Path(eve_vlm.__file__).resolve().parents[1]  # the workers import the package this test imported
-RECIPE = ROOT / "recipes/tiny/eve_v2/0_prealign.yaml"
+RECIPE = "tiny/eve_v2/0_prealign"
 
 
 def _free_port() -> int:
@@ -39,7 +39,7 @@ def _losses(out: Path) -> list[float]:
 @pytest.mark.slow
 def test_two_cpu_processes_match_one_process(tmp_path: Path) -> None:
     one, two = tmp_path / "one", tmp_path / "two"
-    Trainer(Recipe.load(RECIPE, [f"output_dir={one}", "micro_batch_size=4"]), progress=False).train()
+    Trainer.from_recipe(Recipe.load(RECIPE, [f"output_dir={one}", "micro_batch_size=4"]), progress=False).train()
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}

@@ -358,7 +358,7 @@ def test_trainable_parameters_are_exactly_the_recipe_groups(run_stage, stage: st
     expected = {n for n in named if EXPECTED_TRAINABLE[stage](n)}
     trainable = {n for n, p in named.items() if p.requires_grad}
     assert trainable == expected
-    optimised = {id(p) for g in run.trainer.optimizer.param_groups for p in g["params"]}
+    optimised = {id(p) for g in run.trainer.parts.optimizer.param_groups for p in g["params"]}
     assert optimised == {id(named[n]) for n in expected}
     if stage.startswith("eve_v1"):  # the aligning layer is attached (and trains) in every v1 stage
         assert any(_aligner(n) for n in expected)
@@ -508,7 +508,7 @@ def test_loss_is_averaged_per_token_across_accumulation(tmp_path: Path) -> None:
     for micro in (4, 8):
         out = tmp_path / f"micro{micro}"
         trainer = Trainer.from_recipe(tiny_recipe("eve_v2/2_fullalign", out, f"micro_batch_size={micro}", "max_steps=2"), progress=False)
-        assert trainer.accum == 8 // micro
+        assert trainer.parts.accum == 8 // micro
         trainer.train()
         runs.append((read_metrics(out), trainer.model.state_dict()))
     (m4, w4), (m8, w8) = runs

@@ -24,13 +24,18 @@ from .dataset import (
     teacher_fn_from_processor,
     truncate,
 )
-from .records import JsonRecords, ReaderConfig, Record, RecordSource, Split, open_records
+from .manifest import JsonRecords, is_jsonl, iter_manifest
+from .order import Split
+from .records import ReaderConfig, Record, RecordSource, record_from_dict
+from .sources import open_records
+from .stream import BatchStream, GlobalOrderRecords
 from .webdataset import TarRecords, expand_shards
 
 __all__ = [
-    "BatchConfig", "DataConfig", "EveBatches", "EveDataset", "Example", "JsonRecords", "LengthGroupedBatcher",
-    "ReaderConfig", "Record", "RecordSource", "SkipRecord", "SkipStats", "Split", "StreamingPacker",
-    "TarRecords", "TooManyBrokenRecords", "collate_packed", "collate_padded", "encode_record",
-    "expand_shards", "iter_batches", "length_grouped_batches", "open_records", "pack_examples",
-    "pack_lengths", "padding_waste", "teacher_fn_from_processor", "truncate",
+    "BatchConfig", "BatchStream", "DataConfig", "EveBatches", "EveDataset", "Example", "GlobalOrderRecords",
+    "JsonRecords", "LengthGroupedBatcher", "ReaderConfig", "Record", "RecordSource", "SkipRecord", "SkipStats",
+    "Split", "StreamingPacker", "TarRecords", "TooManyBrokenRecords", "collate_packed", "collate_padded",
+    "encode_record", "expand_shards", "is_jsonl", "iter_batches", "iter_manifest", "length_grouped_batches",
+    "open_records", "pack_examples", "pack_lengths", "padding_waste", "record_from_dict",
+    "teacher_fn_from_processor", "truncate",
 ]

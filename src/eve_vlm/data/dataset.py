@@ -3,8 +3,8 @@
 One bad line in a 33M-sample corpus must not stop a run, but a corpus that is mostly broken (wrong
 image root, wrong format) must stop it early with a clear message: hence :class:`SkipStats` and
 :class:`TooManyBrokenRecords`. Truncation is done here, in *spliced* tokens (text tokens plus the
-visual tokens each image expands to), because the official collator truncates before splicing and
-lets sequences exceed ``model_max_length`` (spec §9.20).
+visual tokens each image expands to), because truncating text before splicing, as the official
+collator does, lets the spliced sequence exceed ``model_max_length``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from ..constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX
-from .records import Record, RecordSource, Split
+from .order import Split
+from .records import Record, RecordSource
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +205,8 @@ def _encode_text(record: Record, processor: Any, config: DataConfig
                          f"{record.id}: {n_ph} '{IMAGE_PLACEHOLDER}' for {n_images} images")
     template = config.template or processor.template
     try:
-        if config.independent_turns:
+        independent = config.independent_turns if record.independent_turns is None else record.independent_turns
+        if independent:
             return tok.encode_independent_turns(messages, processor.tokenizer, template, num_images=n_images)
         return (*tok.encode_conversation(messages, processor.tokenizer, template, num_images=n_images), None)
     except ValueError as e:  # ConversationError: malformed turns, roles, placement

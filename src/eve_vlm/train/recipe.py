@@ -9,6 +9,9 @@ from typing import Any
 
 import yaml
 
+from .catalog import resolve_recipe
+from .schedule import LR_SCHEDULES
+
 # Parameter groups a recipe can train, by name.
 #   vision  : patch embedding (+ v1 projector)      official: `vision_tower`, `mm_projector`
 #   aligner : v1 patch aligning layer (training only)  official: `vision_tower_compressor`
@@ -48,7 +51,6 @@ class DataSpec:
     # each (question, answer) pair of a record is its own sample about the record's image, all
     # sharing the image prefix in one row (data.DataConfig.independent_turns)
     independent_turns: bool = False
-    num_workers: int = 0
     generated_samples: int = 256
 
 
@@ -65,9 +67,6 @@ class TeacherSpec:
     cache_mb: float = 0.0
 
 
-LR_SCHEDULES = ("cosine", "constant", "wsd")
-
-
 @dataclass
 class OptimSpec:
     lr: float = 1e-4
@@ -75,9 +74,7 @@ class OptimSpec:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_ratio: float = 0.03
-    # cosine: decay over every step after warm-up; constant: no decay; wsd (warm-up, stable, decay):
-    # constant, then a linear decay to 0 over the last `decay_ratio` of the steps, which keeps the
-    # learning rate high for longer (the quickstart's stage 3 needs that, docs/quickstart.md)
+    # cosine | constant | wsd (train.schedule.LrSchedule explains them)
     schedule: str = "cosine"
     decay_ratio: float = 0.2
     max_grad_norm: float = 1.0
@@ -140,10 +137,9 @@ class Recipe:
         return _build(cls, data, "")
 
     @classmethod
-    def load(cls, path: str | Path, overrides: list[str] | None = None) -> Recipe:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"recipe not found: {path}")
+    def load(cls, ref: str | Path, overrides: list[str] | None = None) -> Recipe:
+        """A recipe from a YAML file path or a shipped recipe's name, with `key=value` overrides."""
+        path = resolve_recipe(ref)
         data = yaml.safe_load(path.read_text()) or {}
         if not isinstance(data, dict):
             raise RecipeError(f"{path}: a recipe must be a mapping")
