@@ -26,7 +26,7 @@ from eve_vlm.quickstart.run import (
     prior_accuracy,
     write_data,
 )
-from eve_vlm.train import Trainer
+from eve_vlm.train import Trainer, TrainerCallback
 
 
 def main() -> None:
@@ -48,17 +48,21 @@ def main() -> None:
         rows: list[dict] = []
         scored: list[int] = []
 
-        def on_log(record: dict) -> None:
-            if record["step"] % args.every and record["step"] != args.steps:
-                return
-            trainer.model.eval()
-            result = evaluate(trainer.model, processor, cfg, blank=out / "data" / "blank.png")
-            trainer.model.train()
-            scored[:] = sorted(result["predictions"])
-            rows.append({"step": record["step"], "accuracy": result["accuracy"], **result["per_type"]})
-            print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)
+        class ScoreEvery(TrainerCallback):
+            """Greedy accuracy on the held-out questions every `--every` steps and at the end."""
 
-        trainer = Trainer(recipe, model=model, processor=processor, on_log=on_log, progress=False)
+            def on_step_end(self, trainer: Trainer, record: dict) -> None:
+                step = trainer.state.step
+                if step % args.every and step != trainer.max_steps:
+                    return
+                trainer.model.eval()
+                result = evaluate(trainer.model, processor, cfg, blank=out / "data" / "blank.png")
+                trainer.model.train()
+                scored[:] = sorted(result["predictions"])
+                rows.append({"step": step, "accuracy": result["accuracy"], **result["per_type"]})
+                print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)
+
+        trainer = Trainer.from_recipe(recipe, model=model, processor=processor, callbacks=[ScoreEvery()], progress=False)
         trainer.train()
         prior = prior_accuracy(cfg, scored)
     print(f"\nanswer prior on the same questions: {prior['accuracy']:.3f} {json.dumps(prior['per_type'])}")

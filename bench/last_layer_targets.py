@@ -54,7 +54,7 @@ def main() -> None:
         model, processor = build_model(smollm2_hf_folder(), cfg)
         data = write_data(Path(tmp) / "data", cfg)
         recipe = _recipe("3_sft", cfg, [f"output_dir={Path(tmp) / 'out'}", f"data.path={data['qa']}"])
-        trainer = Trainer(recipe, model=model, processor=processor, progress=False)  # applies the freezing
+        trainer = Trainer.from_recipe(recipe, model=model, processor=processor, progress=False)  # applies the freezing
         model = trainer.model.train()
         batches = [trainer.batches.next() for _ in range(args.steps + 2)]
     full, part = [], []

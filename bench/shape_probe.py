@@ -1,7 +1,7 @@
 """How fast can the quickstart's patch embedding learn easy-VQA shapes, without the LLM in the way?
 
-Why: on the CPU budget the quickstart learned colour but not shape. This separates the patch
-embedding's capacity from its training signal: the real v1 patch embedding + projector (as the
+Why: with a short stage 1 the quickstart learns colour but not shape within the CPU budget. This
+separates the patch embedding's capacity from its training signal: the real v1 patch embedding + projector (as the
 quickstart builds it: 64 px, patch 8, 2x2 merge, width 256 -> 576) is trained directly with a
 shape label, or distilled from the frozen EfficientNet teacher and then probed, with and without
 the GELU after the patch conv. An attention-pooling classifier stands in for the decoder reading

@@ -95,7 +95,7 @@ def bench_step(args: argparse.Namespace, work: Path, peak: float) -> dict[str, f
         "optim": {"lr": 1e-4, "warmup_ratio": 0.0},
         "global_batch_size": args.batch, "micro_batch_size": args.batch, "max_steps": args.steps + 1,
     })
-    trainer = Trainer(recipe, model=model, processor=processor, progress=False)
+    trainer = Trainer.from_recipe(recipe, model=model, processor=processor, progress=False)
     counts = param_counts(model)
 
     flops = seconds = tokens = 0.0
