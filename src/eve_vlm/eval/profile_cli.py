@@ -7,6 +7,8 @@ import json
 import sys
 from typing import Any, TextIO
 
+from ..cli_args import non_negative_int
+
 
 def _image_size(text: str) -> tuple[int, int]:
     try:
@@ -18,13 +20,6 @@ def _image_size(text: str) -> tuple[int, int]:
     if w <= 0 or h <= 0:
         raise argparse.ArgumentTypeError(f"image size must be positive, got {text!r}")
     return w, h
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--image-size", type=_image_size, default=None, help="input image WxH (default: square, native size)"
     )
     p.add_argument(
-        "--prompt-tokens", type=_non_negative, default=0, help="text tokens besides the image (default 0)"
+        "--prompt-tokens", type=non_negative_int, default=0, help="text tokens besides the image"
     )
     p.add_argument(
         "--convention",
@@ -61,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--latency-max-params",
         type=float,
         default=1.5e9,
-        help="largest model --latency builds (default 1.5e9)",
+        help="largest model (parameters) --latency builds",
     )
     p.add_argument("--no-paper", action="store_true", help="leave out the paper's table")
     p.set_defaults(func=run)
@@ -143,12 +138,8 @@ def print_report(data: dict[str, Any], out: TextIO | None = None) -> None:
 def run(args: argparse.Namespace) -> int:
     from .profile import CONVENTIONS, load_target, measure_latency, paper_comparison, profile
 
-    try:
-        target = load_target(args.config)
-        prof = profile(target, args.image_size, args.prompt_tokens, CONVENTIONS[args.convention])
-    except (ValueError, FileNotFoundError) as exc:
-        sys.stderr.write(f"eve profile: {exc}\n")
-        return 2
+    target = load_target(args.config)  # a bad name or folder: ValueError / FileNotFoundError, one line
+    prof = profile(target, args.image_size, args.prompt_tokens, CONVENTIONS[args.convention])
     if args.latency:
         prof.latency = measure_latency(
             target, args.image_size, args.prompt_tokens, max_params=args.latency_max_params

@@ -1,117 +1,73 @@
-"""Loading a checkpoint for inference and running the server (foreground or in a background thread)."""
+"""`eve serve`: an OpenAI-compatible HTTP server with a web demo at /."""
 
 from __future__ import annotations
 
-import logging
-import socket
-import threading
-import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+import argparse
 
-import torch
-
-from .app import ServerSettings, create_app
-
-logger = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from ..cli_args import add_model_args, positive_float, positive_int
 
 
-def resolve_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def load_for_inference(
-    path: str | Path, device: str | None = None, dtype: str | None = None
-) -> tuple[Any, Any]:
-    """(model in eval mode, processor) from a checkpoint folder; bf16 on GPU, fp32 on CPU by default."""
-    from ..model.eve import EveForCausalLM
-    from ..processing.processor import EveProcessor
-
-    dev = resolve_device(device)
-    if dtype in (None, "auto"):
-        torch_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    elif dtype in _DTYPES:
-        torch_dtype = _DTYPES[dtype]
-    else:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(_DTYPES)}")
-    model = EveForCausalLM.from_pretrained(path, dtype=torch_dtype, device=dev).eval()
-    processor = EveProcessor.from_pretrained(path)
-    if processor.tokenizer is None:
-        raise ValueError(f"{path} has no tokenizer files; inference needs one")
-    return model, processor
-
-
-@dataclass
-class BackgroundServer:
-    """A uvicorn server running in a daemon thread (tests and benchmarks)."""
-
-    server: Any
-    thread: threading.Thread
-    host: str
-    port: int
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout)
-
-
-def start_background_server(
-    app: Any, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0
-) -> BackgroundServer:
-    """Serve `app` on `host:port` (0 = a free port) in a thread; returns once it accepts connections."""
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="eve-uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + timeout
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError(f"server did not start on {host}:{port}")
-        time.sleep(0.02)
-    return BackgroundServer(server, thread, host, port)
-
-
-def serve(
-    model_path: str | Path,
-    *,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    settings: ServerSettings | None = None,
-    device: str | None = None,
-    dtype: str | None = None,
-) -> None:
-    """Load the checkpoint and serve it until interrupted (the `eve serve` command)."""
-    import uvicorn
-
-    model, processor = load_for_inference(model_path, device, dtype)
-    settings = settings or ServerSettings()
-    if settings.model_name == "eve":
-        settings.model_name = Path(model_path).resolve().name
-    if host not in ("127.0.0.1", "localhost", "::1") and settings.limits.allow_file_images:
-        logger.warning(
-            "file: image URLs are enabled on a server reachable from %s: clients can read local files", host
-        )
-    app = create_app(model, processor, settings)
-    logger.info(
-        "serving %s on http://%s:%d (batch size up to %d)",
-        settings.model_name,
-        host,
-        port,
-        settings.max_batch_size,
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `serve` command."""
+    p = subparsers.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server with a web demo at /",
+        description="Serve a checkpoint over an OpenAI-compatible HTTP API (/v1/chat/completions) "
+        "with dynamic batching of concurrent requests, and a web demo at /.",
     )
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
+    p.add_argument("--name", default=None, help="model id reported by /v1/models (default: the folder name)")
+    p.add_argument("--max-batch-size", type=positive_int, default=8, help="requests decoded together")
+    p.add_argument(
+        "--batch-wait-ms", type=float, default=5.0, help="how long to gather concurrent requests into a batch"
+    )
+    p.add_argument(
+        "--allow-remote-images", action="store_true", help="let the server fetch http(s) image URLs"
+    )
+    p.add_argument(
+        "--allow-file-images",
+        action="store_true",
+        help="let clients name files on the server with file: URLs",
+    )
+    p.add_argument("--max-images", type=positive_int, default=4, help="images per request")
+    p.add_argument("--max-image-pixels", type=positive_int, default=4096 * 4096, help="pixels per image")
+    p.add_argument(
+        "--max-prompt-tokens", type=positive_int, default=8192, help="prompt tokens per request, images included"
+    )
+    p.add_argument("--max-output-tokens", type=positive_int, default=1024, help="largest max_tokens a client may ask")
+    p.add_argument("--max-body-mb", type=positive_float, default=20.0, help="largest request body, in MiB")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check the inputs and the port, then load the model and serve until interrupted."""
+    from ..loading import check_checkpoint_folder
+    from ..runtime import resolve_device, resolve_dtype
+    from .app import ServerSettings
+    from .inputs import ServerLimits
+    from .server import check_port_free, serve
+
+    check_checkpoint_folder(args.model)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    check_port_free(args.host, args.port)
+    limits = ServerLimits(
+        max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+        max_image_pixels=args.max_image_pixels,
+        max_images=args.max_images,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_output_tokens=args.max_output_tokens,
+        default_max_tokens=min(256, args.max_output_tokens),
+        allow_remote_images=args.allow_remote_images,
+        allow_file_images=args.allow_file_images,
+    )
+    settings = ServerSettings(
+        model_name=args.name or "eve",
+        limits=limits,
+        max_batch_size=args.max_batch_size,
+        batch_wait_ms=args.batch_wait_ms,
+    )
+    serve(args.model, host=args.host, port=args.port, settings=settings, device=device, dtype=dtype)
+    return 0
