@@ -1,9 +1,10 @@
-"""``eve data filter`` / ``eve data dedup`` on generated images."""
+"""``eve data filter`` / ``eve data dedup`` on generated images: which records survive, and why."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from eve_vlm.data.curation import (
     nearest_per_cluster,
     pixel_embedder,
 )
-from eve_vlm.data.records import iter_manifest
+from eve_vlm.data.manifest import iter_manifest
 
 torch.set_num_threads(1)
 
@@ -68,8 +69,23 @@ def test_filter_keeps_images_with_both_sides_large_enough(tmp_path, suffix, monk
     assert report == {"total": 9, "kept": 4, "too_small": 3, "unreadable": 2, "bad_record": 0,
                       "text_only": 1, "min_size": 448}
     assert rep.kept == 4
+    assert read_out(out) == [objs[0], objs[3], objs[4], objs[8]]  # whole records, unchanged, in order
     if suffix == ".json":
-        assert isinstance(json.loads(out.read_text()), list)
+        assert json.loads(out.read_text()) == [objs[0], objs[3], objs[4], objs[8]]
+    else:
+        assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["r0", "r3", "r4", "r8"]
+
+
+def test_filter_can_drop_text_only_records_and_counts_malformed_ones(tmp_path):
+    Image.new("RGB", (64, 64)).save(tmp_path / "ok.png")
+    objs = [rec(0, "ok.png"), rec(1, None), {"id": "r2", "image": 5, "conversations": []}, "not a record"]
+    manifest = write_manifest(tmp_path / "in.jsonl", objs)
+    (tmp_path / "in.jsonl").write_text(manifest.read_text() + "{broken json\n")
+    rep = filter_manifest(str(manifest), str(tmp_path / "out.jsonl"), min_size=32, keep_text_only=False,
+                          report_path=str(tmp_path / "rep.json"))
+    assert [o["id"] for o in read_out(tmp_path / "out.jsonl")] == ["r0"]
+    assert (rep.total, rep.kept, rep.text_only, rep.bad_record) == (5, 1, 1, 3)
+    assert json.loads((tmp_path / "rep.json").read_text())["bad_record"] == 3
 
 
 def blob_images(root: Path, groups: int, per_group: int, seed: int = 0) -> list[tuple[int, str]]:
@@ -124,6 +140,38 @@ def test_dedup_keeps_k_times_n_and_collapses_near_duplicates(tmp_path, per_clust
     assert not list(tmp_path.glob("*.npy"))  # embeddings are scratch unless asked for
 
 
+def test_dedup_keeps_the_first_copy_of_each_exact_duplicate(tmp_path):
+    """Byte-identical copies embed identically; ties go to the earliest record, so the survivors are known."""
+    rng = np.random.default_rng(1)
+    objs = []
+    for g in range(3):
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3)).astype(np.uint8)).save(tmp_path / f"base{g}.png")
+    order = [0, 1, 0, 2, 1, 2, 0, 2]  # the group of each record, copies interleaved
+    for i, g in enumerate(order):
+        name = f"copy{i}.png"
+        (tmp_path / name).write_bytes((tmp_path / f"base{g}.png").read_bytes())
+        objs.append(rec(i, name))
+    objs.append(rec(8, None))
+    manifest = write_manifest(tmp_path / "in.json", objs)
+    out = tmp_path / "out.json"
+    rep = dedup_manifest(str(manifest), str(out), clusters=3, per_cluster=1, embed=pixel_embedder(),
+                         keep_text_only=False)
+    assert [o["id"] for o in read_out(out)] == ["r0", "r1", "r3"]  # first of groups 0, 1, 2; text dropped
+    report = json.loads((tmp_path / "out.report.json").read_text())
+    assert report == {"total": 9, "embedded": 8, "clusters": 3, "per_cluster": 1, "kept": 3, "dropped": 6,
+                      "unreadable": 0, "bad_record": 0, "text_only": 1, "cluster_sizes": {"2": 1, "3": 2}}
+    assert report == asdict(rep)
+
+
+def test_nearest_per_cluster_ranks_within_each_cluster():
+    labels = np.array([1, 0, 1, 1, 0, 2])
+    dists = np.array([0.5, 0.2, 0.1, 0.5, 0.1, 9.0], dtype=np.float32)
+    assert nearest_per_cluster(labels, dists, 1).tolist() == [False, False, True, False, True, True]
+    # equal distances: the earlier row wins
+    assert nearest_per_cluster(labels, dists, 2).tolist() == [True, True, True, False, True, True]
+    assert nearest_per_cluster(labels, dists, 5).all()
+
+
 def test_dedup_small_clusters_keep_all_and_unreadable_counted(tmp_path):
     images = blob_images(tmp_path, groups=3, per_group=2)
     objs = [rec(i, name) for i, (_, name) in enumerate(images)] + [rec(50, "missing.png")]
@@ -157,10 +205,13 @@ def test_cli_filter_and_dedup(tmp_path):
 
     args = parser.parse_args(["data", "dedup", "--manifest", str(tmp_path / "absent.jsonl"),
                               "--out", str(tmp_path / "x.jsonl"), "--clusters", "2", "--per-cluster", "1"])
-    assert cli.run(args) == 1
+    with pytest.raises(FileNotFoundError, match="absent.jsonl"):
+        cli.run(args)
     args = parser.parse_args(["data", "dedup", "--manifest", str(manifest), "--out", str(tmp_path / "x.jsonl"),
                               "--clusters", "2", "--per-cluster", "1", "--encoder", "nope"])
-    assert cli.run(args) == 1
+    with pytest.raises(ValueError, match="unknown encoder"):
+        cli.run(args)
+    assert not (tmp_path / "x.jsonl").exists()  # inputs are checked before anything is written
 
 
 def test_efficientnet_encoder_separates_groups(tmp_path):

@@ -28,7 +28,8 @@ from eve_vlm.data import (
     open_records,
     truncate,
 )
-from eve_vlm.data.records import Record, shuffle_buffer
+from eve_vlm.data.order import shuffle_buffer
+from eve_vlm.data.records import Record
 
 torch.set_num_threads(1)
 

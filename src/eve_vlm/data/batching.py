@@ -1,7 +1,7 @@
 """Batches in the model's format: right padding, length grouping, and sequence packing.
 
-Visual token counts vary from a handful to thousands per image, so padding every row to the
-longest sample wastes most of the compute (spec §9.20). Two remedies live here: length-grouped
+Visual token counts vary from a handful to thousands per image (v1: 126-2353, v2: about 3-2600),
+so padding every row to the longest sample wastes most of the compute. Two remedies live here: length-grouped
 batching (similar lengths share a batch, as the official ``group_by_modality_length``) and packing
 (several samples per row, kept apart by ``segment_ids``). :func:`padding_waste` measures both.
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .records import _is_jsonl, iter_manifest
+from .manifest import is_jsonl, iter_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def _out_is_jsonl(manifest: str, out: str) -> bool:
         return True
     if out.endswith(".json"):
         return False
-    return _is_jsonl(manifest)
+    return is_jsonl(manifest)
 
 
 def _warn_paths(manifest: str, out: str, image_root: str) -> None:

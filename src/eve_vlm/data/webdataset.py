@@ -3,7 +3,7 @@
 A shard holds samples as consecutive members sharing a key: ``KEY.jpg|png|jpeg|webp`` plus
 ``KEY.txt`` (a caption) or ``KEY.json`` (a conversation record whose image is the member). Only
 headers are read while iterating; member bytes are read when a sample is encoded, so shuffle
-buffers and resume skips cost no image I/O. Order / split / resume rules: see ``records.py``.
+buffers and resume skips cost no image I/O. Order / split / resume rules: ``order.py``.
 """
 
 from __future__ import annotations
@@ -17,18 +17,15 @@ import tarfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+from .order import Split, seeded_rng, shuffle_buffer, skip_and_index
 from .records import (
     IMAGE_EXTENSIONS,
     ImageRef,
     ReaderConfig,
     Record,
     RecordSource,
-    Split,
     TarMember,
-    _rng,
-    _skip_and_index,
     record_from_dict,
-    shuffle_buffer,
 )
 
 logger = logging.getLogger(__name__)
@@ -111,7 +108,7 @@ class TarRecords(RecordSource):
         cfg = self.config
         shards = list(self.shards)
         if cfg.shuffle:
-            _rng(cfg.seed, epoch).shuffle(shards)
+            seeded_rng(cfg.seed, epoch).shuffle(shards)
         by_shard = len(shards) >= split.count
         if by_shard:
             samples: Iterable[_TarSample] = (
@@ -120,8 +117,8 @@ class TarRecords(RecordSource):
             samples = (s for k, s in enumerate(t for shard in shards for t in iter_tar_samples(shard))
                        if k % split.count == split.index)
         stream = shuffle_buffer(samples, cfg.shuffle_buffer if cfg.shuffle else 0,
-                                _rng(cfg.seed, epoch, split.index))
-        for i, sample in _skip_and_index(stream, split.skip_for(position)):
+                                seeded_rng(cfg.seed, epoch, split.index))
+        for i, sample in skip_and_index(stream, split.skip_for(position)):
             yield self._to_record(sample, i)
 
     def _to_record(self, sample: _TarSample, index: int) -> Record:
