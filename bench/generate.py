@@ -49,7 +49,6 @@ def run_client(url: str, requests: int, concurrency: int, max_tokens: int) -> No
     """Send `requests` chat completions, `concurrency` at a time; print one JSON line of results."""
     import httpx
 
-    sys.path.insert(0, str(REPO / "tests"))
     from eve_vlm.testing import make_png
 
     images = [base64.b64encode(make_png(48 + 8 * i, 32 + 4 * i, seed=i)).decode() for i in range(4)]
@@ -98,7 +97,6 @@ def run_client(url: str, requests: int, concurrency: int, max_tokens: int) -> No
 def build_model(folder: Path, args: argparse.Namespace):
     import torch
 
-    sys.path.insert(0, str(REPO / "tests"))
     from eve_vlm import EveForCausalLM
     from eve_vlm.processing import EveProcessor
     from eve_vlm.testing import make_tiny_checkpoint
@@ -124,8 +122,6 @@ def measure_decode(model, processor, batch_size: int, new_tokens: int) -> tuple[
     import torch
 
     from eve_vlm.generate import GenerationConfig, build_prompts, iter_generate
-
-    sys.path.insert(0, str(REPO / "tests"))
     from eve_vlm.testing import make_png
 
     prompts = build_prompts(processor, ["<image>\nDescribe the image in detail."] * batch_size)
