@@ -131,6 +131,11 @@ def test_bad_sampling_flags_fail_before_loading(fake_model_dir, capsys, no_model
     assert "top_p must be in (0, 1]" in error_line(capsys)
 
 
+def test_more_placeholders_than_images_fail_before_loading(fake_model_dir, capsys, no_model_loading):
+    assert main(["ask", "--model", str(fake_model_dir), "Compare <image> and <image>"]) == 2
+    assert "2 <image> placeholder(s) but only 0 image(s)" in error_line(capsys)
+
+
 def test_convert_llm_missing_folder(tmp_path, capsys):
     llm, out = tmp_path / "no-such-llm", tmp_path / "out"
     assert main(["convert-llm", str(llm), str(out)]) == 2

@@ -83,9 +83,11 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, Any, list[Any], Any]:
 def run_ask(args: argparse.Namespace) -> int:
     """One question, the answer on stdout."""
     from .answer import answer
+    from .prompts import with_image_placeholders
 
+    # the placeholder rule of `answer()`, applied here too so that a mismatch fails before loading
+    question = with_image_placeholders(args.question, len(args.image))
     model, processor, images, cfg = _prepare(args)
-    question = "<image>\n" * len(images) + args.question
     text = answer(model, processor, [question], [images], config=cfg)[0]
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
