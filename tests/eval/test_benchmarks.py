@@ -369,12 +369,13 @@ def test_cli_rescore_prints_table(tmp_path, capsys):
 
 
 def test_cli_reports_missing_arguments_and_bad_dirs(tmp_path, capsys):
-    args = _parser().parse_args(["eval", "--benchmark", "gqa"])
-    assert args.func(args) == 2
-    assert "--model, --data required" in capsys.readouterr().out
-    args = _parser().parse_args(["eval", "--rescore", str(tmp_path)])
-    assert args.func(args) == 1
-    assert "not an eval output folder" in capsys.readouterr().out
+    from eve_vlm.cli import main
+
+    assert main(["eval", "--benchmark", "gqa"]) == 2
+    err = capsys.readouterr().err
+    assert "--model, --data required" in err and err.count("\n") == 1  # one line, no traceback
+    assert main(["eval", "--rescore", str(tmp_path)]) == 2
+    assert "not an eval output folder" in capsys.readouterr().err
 
 
 def test_cli_parses_a_model_run():

@@ -11,6 +11,7 @@ from PIL import Image
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from eve_vlm import testing
 from eve_vlm.cli import main as cli_main
 from eve_vlm.constants import IMAGE_TOKEN_INDEX
 from eve_vlm.eval.profile import (
@@ -35,36 +36,19 @@ from eve_vlm.eval.profile import (
 )
 from eve_vlm.model import EveConfig, EveForCausalLM
 from eve_vlm.processing import EveImageConfig, EveImageProcessor
+from eve_vlm.testing import tiny_model_config
 
 torch.set_num_threads(1)
 
 
 def tiny_config(version: str, **kw) -> EveConfig:
-    fields = dict(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vision_hidden_size=32,
-    )
-    if version == "v2":
-        fields.update(
-            version="v2", family="qwen2", attention_bias=True, patch_stride=16, modality_experts=True
-        )
-    else:
-        fields.update(version="v1", family="llama", patch_stride=14)
-    fields.update(kw)
-    return EveConfig(**fields)
+    return tiny_model_config(version, 300, intermediate_size=96, **kw)
 
 
 def tiny_image_config(version: str) -> EveImageConfig:
-    if version == "v2":
-        return EveImageConfig(version="v2", max_size=96, patch_stride=16, dense_stride=2)
-    return EveImageConfig(
-        version="v1", image_size=112, image_size_clip=56, patch_stride=14, patch_stride_clip=14, conv_stride=2
-    )
+    """The factory's image geometry, v2 up to 96 px so that small images give several rows of tokens."""
+    config = testing.tiny_image_config(version)
+    return config.replace(max_size=96) if version == "v2" else config
 
 
 def tiny_target(version: str, **kw) -> ProfileTarget:
@@ -270,12 +254,16 @@ def test_unknown_config_is_a_clear_error(tmp_path):
 # ------------------------------------------------------------------------------- latency
 
 
-def test_latency_runs_small_and_skips_large():
-    lat = measure_latency(tiny_target("v2"), (64, 64), prompt_tokens=4, repeats=1)
-    assert lat["vision_ms"] > 0 and lat["prefill_ms"] >= lat["vision_ms"] * 0.5
+def test_latency_report_runs_small_models_and_skips_large_ones():
+    """The report's deterministic fields; the timings themselves are measured in bench/, not asserted."""
+    lat = measure_latency(tiny_target("v2"), (64, 64), prompt_tokens=4, repeats=1, device="cpu")
+    assert set(lat) == {"device", "dtype", "threads", "vision_ms", "prefill_ms", "llm_ms", "prefill_tokens", "repeats"}
+    assert (lat["device"], lat["dtype"], lat["threads"], lat["repeats"]) == ("cpu", "float32", 1, 1)
+    # 64x64 at max_size 96 -> 96x96 px, a 3x3 grid: 1 + 3 * (3 + 1) visual tokens, plus the prompt
     assert lat["prefill_tokens"] == profile(tiny_target("v2"), (64, 64)).visual_tokens + 4 == 1 + 3 * 4 + 4
-    skipped = measure_latency(builtin_targets()["eve-7b-v1"])
-    assert "exceed" in skipped["skipped"]
+    assert lat["llm_ms"] == pytest.approx(max(lat["prefill_ms"] - lat["vision_ms"], 0.0), abs=1e-9)
+    assert "exceed the latency limit of 1.50 B" in measure_latency(builtin_targets()["eve-7b-v1"])["skipped"]
+    assert "needs an EVE model" in measure_latency(builtin_targets()["llava-1.5-7b"])["skipped"]
 
 
 # ------------------------------------------------------------------------------- the CLI
@@ -303,7 +291,9 @@ def test_cli_text_report_shows_paper_rows_and_options(capsys):
     ]
     assert cli_main(args) == 0
     out = capsys.readouterr().out
-    assert "2597 visual tokens" in out  # spec 3.2: 640x480 at max_size 1600
+    # v2 inference scales 640x480 up to an area of about 1600^2, sides rounded up to multiples of 32:
+    # 1856x1408 px, a 44x58 grid, 1 + 44 * (58 + 1) = 2597 visual tokens
+    assert "2597 visual tokens" in out
     assert "latency: skipped" in out
     assert "EVE-7B-HD" in out and "60.80 T" in out
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from eve_vlm.generate import GenerationConfig, answer, build_prompts, generate, stream_text
