@@ -49,7 +49,7 @@ def main() -> None:
     from eve_vlm.train import Recipe, Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
-        recipe = Recipe.load("recipes/tiny/eve_v1/1_prealign.yaml", [f"output_dir={tmp}", "device=auto", "precision=bf16"])
+        recipe = Recipe.load("tiny/eve_v1/1_prealign", [f"output_dir={tmp}", "device=auto", "precision=bf16"])
         result = Trainer.from_recipe(recipe, progress=False).train()
         print("tiny v1 stage 1 on CUDA bf16, losses:", [round(h["loss"], 3) for h in result.history])
 
