@@ -143,14 +143,10 @@ def test_repl_commands(tiny, tmp_path):
 
 
 def _cli(argv: list[str]) -> int:
-    import argparse
+    """`eve ARGV` in-process, through the real entry point (its error handling included)."""
+    from eve_vlm.cli import main
 
-    from eve_vlm.generate import cli as cli_infer
-
-    parser = argparse.ArgumentParser(prog="eve")
-    cli_infer.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return main(argv)
 
 
 @pytest.fixture(scope="module")

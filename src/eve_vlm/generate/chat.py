@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ..constants import IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX
+from ..constants import IMAGE_TOKEN_INDEX
 from ..model.decoder import KVCache
 from .core import GenerationResult, stream_text
+from .prompts import with_image_placeholders
 from .sampling import GenerationConfig
 from .stopping import resolve_config
 
@@ -123,7 +124,8 @@ class ChatSession:
         attached images stay pending for the next message).
         """
         pending, n_images = self.pending_images, len(self.images)
-        self.messages.append({"role": "user", "content": IMAGE_PLACEHOLDER * len(pending) + text})
+        content = with_image_placeholders(text, len(pending))  # ValueError: more <image> than images
+        self.messages.append({"role": "user", "content": content})
         self.images.extend(pending)
         self.pending_images = []
         done = False
