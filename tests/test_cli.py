@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import socket
 from importlib import metadata
 from pathlib import Path
 
@@ -124,6 +125,15 @@ def test_cuda_without_cuda_is_one_line(command, fake_model_dir, capsys, no_model
     assert main(argv) == 2
     line = error_line(capsys)
     assert "'cuda' was requested but CUDA is not available" in line
+
+
+def test_serve_on_a_busy_port_fails_before_loading(fake_model_dir, capsys, no_model_loading):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--model", str(fake_model_dir), "--port", str(port)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in error_line(capsys)
 
 
 def test_bad_sampling_flags_fail_before_loading(fake_model_dir, capsys, no_model_loading):

@@ -68,7 +68,7 @@ def check_port_free(host: str, port: int) -> None:
         try:
             sock.bind((host, port))
         except OSError as exc:
-            raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+            raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
 
 
 def serve(
