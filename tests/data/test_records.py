@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -401,3 +402,40 @@ def test_dataloader_workers_split_and_batch_in_workers(tmp_path, processor):
     out = list(torch.utils.data.DataLoader(batches, batch_size=None, num_workers=2))
     assert sum(int(b["segment_ids"].amax(1).sum()) for b in out) == 12
     assert sum(len(b["images"]) for b in out) == 12
+
+
+def _batch_ids(batches) -> list[list[int]]:
+    return [b["input_ids"].tolist() for b in batches]
+
+
+def test_worker_batches_replay_exactly_and_report_their_skips(tmp_path, processor):
+    """What a trainer with DataLoader workers needs: the same stream on every pass (so a resume can
+    skip the batches already taken), round-robin over the workers, and skip counts in the main process."""
+    from eve_vlm.data import EveBatches, merge_data_stats
+
+    save_png(tmp_path / "img.png")
+    records = [conv(i, answer="it is a " + " ".join(["red"] * (i % 5)) + " square") for i in range(14)]
+    records[3]["image"] = records[9]["image"] = "missing.png"
+    path = write_jsonl(tmp_path / "m.jsonl", [*records, "{not json"])
+    cfg = BatchConfig(batch_size=2, pad_id=processor.pad_token_id, seed=4)
+
+    def loader(workers: int) -> list[dict]:
+        ds = EveDataset(JsonRecords(str(path), ReaderConfig(seed=1, shuffle_buffer=4)), processor,
+                        DataConfig(max_length=256, max_broken_fraction=0.5), rank=0, world_size=1)
+        batches = EveBatches(ds, cfg)
+        batches.set_epoch(2)
+        return list(torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers))
+
+    first, again = loader(2), loader(2)
+    assert _batch_ids(first) == _batch_ids(again)  # a replay (resume) sees the very same batches
+    assert [b["data_stats"]["split"] for b in first[:6]] == [0, 1, 0, 1, 0, 1]  # round-robin
+    skipped, seen = merge_data_stats(b["data_stats"] for b in first)
+    assert seen == 15 and sum(skipped.values()) == 3 and skipped.get("bad_json") == 1
+    assert sum(len(b["images"]) for b in first) == 12  # every good record, once
+
+    single = loader(0)  # no workers: iter_batches over the dataset, seed + epoch
+    assert merge_data_stats(b["data_stats"] for b in single) == (skipped, seen)
+    ds = EveDataset(JsonRecords(str(path), ReaderConfig(seed=1, shuffle_buffer=4)), processor,
+                    DataConfig(max_length=256, max_broken_fraction=0.5), rank=0, world_size=1)
+    ds.set_epoch(2)
+    assert _batch_ids(single) == _batch_ids(iter_batches(iter(ds), replace(cfg, seed=6)))

@@ -9,6 +9,7 @@ from .batching import (
     collate_padded,
     iter_batches,
     length_grouped_batches,
+    merge_data_stats,
     pack_examples,
     pack_lengths,
     padding_waste,
@@ -36,6 +37,6 @@ __all__ = [
     "JsonRecords", "LengthGroupedBatcher", "ReaderConfig", "Record", "RecordSource", "SkipRecord", "SkipStats",
     "Split", "StreamingPacker", "TarRecords", "TooManyBrokenRecords", "collate_packed", "collate_padded",
     "encode_record", "expand_shards", "is_jsonl", "iter_batches", "iter_manifest", "length_grouped_batches",
-    "open_records", "pack_examples", "pack_lengths", "padding_waste", "record_from_dict",
+    "merge_data_stats", "open_records", "pack_examples", "pack_lengths", "padding_waste", "record_from_dict",
     "teacher_fn_from_processor", "truncate",
 ]

@@ -27,6 +27,7 @@ import hashlib
 import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -382,7 +383,17 @@ class EveBatches(torch.utils.data.IterableDataset):
     """Batches built inside dataloader workers: ``DataLoader(EveBatches(ds, cfg), batch_size=None)``.
 
     Each worker encodes, groups / packs and collates its own split, so the main process only
-    receives finished batch dicts.
+    receives finished batch dicts. A worker's batches depend only on the seed, the epoch and its
+    split (rank, world size, worker, number of workers), and a DataLoader takes them round-robin
+    over the workers in a fixed order, so the whole stream replays exactly: a resume that skips the
+    batches already taken gets the same batches, as long as the world size and the number of
+    workers are the same (they decide which records each split reads). Without workers the stream
+    equals ``iter_batches`` over the dataset with seed ``config.seed + epoch``.
+
+    Each batch carries ``data_stats``: the skip counters of the current pass of the split that built
+    it, ``{"split": index, "seen": n, "skipped": {reason: n}}``, cumulative, so the last one of each
+    split, summed, gives the pass's totals (:func:`merge_data_stats`): a worker's own
+    ``EveDataset.stats`` never reaches the main process.
     """
 
     def __init__(self, dataset: Iterable[Example], config: BatchConfig):
@@ -399,8 +410,35 @@ class EveBatches(torch.utils.data.IterableDataset):
         self.dataset.set_position(position)  # type: ignore[attr-defined]
 
     def __iter__(self) -> Iterator[dict[str, object]]:
-        config = replace(self.config, seed=self.config.seed * 1_000_003 + self.epoch)
-        return iter_batches(iter(self.dataset), config)
+        config = replace(self.config, seed=self.config.seed + self.epoch)
+        split = getattr(self.dataset, "split", None)
+        index = split().index if callable(split) else 0
+        batches = iter_batches(iter(self.dataset), config)
+        # One batch of look-ahead: the last batch leaves only once the pass is over, so its stats
+        # also count the records skipped after the last example it holds.
+        held = next(batches, None)
+        while held is not None:
+            following = next(batches, None)
+            stats = getattr(self.dataset, "stats", None)
+            if stats is not None:
+                held["data_stats"] = {"split": index, "seen": stats.total_seen, "skipped": dict(stats.counts)}
+            yield held
+            held = following
+
+
+def merge_data_stats(snapshots: Iterable[dict[str, Any]]) -> tuple[dict[str, int], int]:
+    """(skipped records by reason, records seen) over all splits, from batches' ``data_stats``.
+
+    A snapshot is cumulative within its split's pass, so only the last one of each split counts.
+    """
+    last: dict[int, dict[str, Any]] = {}
+    for snap in snapshots:
+        last[int(snap["split"])] = snap
+    skipped: dict[str, int] = {}
+    for snap in last.values():
+        for reason, n in snap["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + int(n)
+    return skipped, sum(int(s["seen"]) for s in last.values())
 
 
 def _chunks(items: Iterable[Example], n: int, drop_last: bool) -> Iterator[list[Example]]:
