@@ -8,6 +8,7 @@ import sys
 from typing import Any, TextIO
 
 from ..cli_args import non_negative_int
+from ..runtime import DTYPE_CHOICES, resolve_device, resolve_dtype
 
 
 def _image_size(text: str) -> tuple[int, int]:
@@ -51,6 +52,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument(
         "--latency", action="store_true", help="time a real forward of a random model (small configs only)"
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="--latency device: cpu, cuda, cuda:1, ...; auto: CUDA if available, else cpu",
+    )
+    p.add_argument(
+        "--dtype", default="auto", choices=DTYPE_CHOICES, help="--latency dtype; auto: bfloat16 on CUDA, float32 on CPU"
     )
     p.add_argument(
         "--latency-max-params",
@@ -138,11 +147,19 @@ def print_report(data: dict[str, Any], out: TextIO | None = None) -> None:
 def run(args: argparse.Namespace) -> int:
     from .profile import CONVENTIONS, load_target, measure_latency, paper_comparison, profile
 
+    if args.latency:  # a device this machine lacks fails now, not after the FLOP count
+        device = resolve_device(args.device)
+        dtype = resolve_dtype(args.dtype, device)
     target = load_target(args.config)  # a bad name or folder: ValueError / FileNotFoundError, one line
     prof = profile(target, args.image_size, args.prompt_tokens, CONVENTIONS[args.convention])
     if args.latency:
         prof.latency = measure_latency(
-            target, args.image_size, args.prompt_tokens, max_params=args.latency_max_params
+            target,
+            args.image_size,
+            args.prompt_tokens,
+            max_params=args.latency_max_params,
+            device=device,
+            dtype=dtype,
         )
     data = prof.to_dict()
     if not args.no_paper:
