@@ -170,6 +170,21 @@ def test_train_unknown_recipe_field(tmp_path, capsys, no_model_loading):
     assert "unknown recipe keys in optim" in line and "learning_rate" in line
 
 
+def test_train_recipe_with_a_yaml_syntax_error(tmp_path, capsys, no_model_loading):
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text("model:\n  tiny: [true\n")
+    assert main(["train", str(recipe)]) == 2
+    assert "while parsing" in error_line(capsys)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_train_on_cuda_without_cuda(tmp_path, capsys, no_model_loading):
+    argv = ["train", "tiny/eve_v2/1_vision", "--set", "device=cuda", "--set", f"output_dir={tmp_path / 'run'}"]
+    assert main(argv) == 2
+    assert "CUDA is not available" in error_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
 def test_train_missing_recipe(tmp_path, capsys):
     assert main(["train", str(tmp_path / "nope.yaml")]) == 2
     assert "nope.yaml" in error_line(capsys)
