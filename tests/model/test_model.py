@@ -345,6 +345,34 @@ def test_tied_embeddings_round_trip(tmp_path):
     assert again.lm_head.weight is again.model.embed_tokens.weight
 
 
+def test_aligning_layer_is_kept_for_training_and_dropped_on_request(tmp_path):
+    """A v1 checkpoint saved with its aligning layer gives the layer back only to a trainer
+    (`keep_training_weights`); `include_aligning_layer=False` leaves it out of the file; other
+    files of the folder (processor, tokenizer) survive a save."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import load_file
+
+    model = tiny_model("v1")
+    teacher = SimpleNamespace(hidden_size=8)
+    model.attach_aligning_layer(teacher)
+    layer = {f"model.vision_tower_compressor.{k}": v for k, v in model.model.vision_tower_compressor.state_dict().items()}
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "preprocessor_config.json").write_text("{}")
+    model.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "preprocessor_config.json").read_text() == "{}"
+
+    plain = EveForCausalLM.from_pretrained(tmp_path / "m")
+    assert plain.pending_aligning_weights is None and plain.model.vision_tower_compressor is None
+    kept = EveForCausalLM.from_pretrained(tmp_path / "m", keep_training_weights=True).pending_aligning_weights
+    assert kept is not None and kept.keys() == layer.keys()
+    assert all(torch.equal(kept[k], layer[k]) for k in layer)
+
+    model.save_pretrained(tmp_path / "m", include_aligning_layer=False)
+    assert not any(k.startswith("model.vision_tower_compressor.") for k in load_file(str(tmp_path / "m" / "model.safetensors")))
+    assert EveForCausalLM.from_pretrained(tmp_path / "m", keep_training_weights=True).pending_aligning_weights is None
+
+
 def test_load_errors(tmp_path):
     model = tiny_model("v2")
     model.save_pretrained(tmp_path / "m")

@@ -84,7 +84,6 @@ class Checkpoint:
         """Raise CheckpointError naming the keys that differ from a model's `expected` ones."""
         if self.config.tie_word_embeddings:
             expected = expected - {"lm_head.weight"}
-            self.state.pop("lm_head.weight", None)
         missing = sorted(expected - set(self.state))
         unexpected = sorted(set(self.state) - expected)
         if missing or unexpected:
@@ -119,6 +118,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
             "ignoring %d training-only tensors (patch aligning layer / teacher) in %s", len(training), folder
         )
         state = {k: v for k, v in state.items() if k not in training}
+    if config.tie_word_embeddings:  # the head is the embedding matrix
+        state.pop("lm_head.weight", None)
     return Checkpoint(folder, config, state, training)
 
 
@@ -162,11 +163,12 @@ def state_for_saving(
     state: dict[str, Tensor], config: EveConfig, include_aligning_layer: bool = True
 ) -> dict[str, Tensor]:
     """A model's state dict as written to disk: tied head dropped, contiguous CPU tensors."""
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    if not include_aligning_layer:
-        state = {k: v for k, v in state.items() if not k.startswith(TRAINING_ONLY_PREFIXES)}
-    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    dropped = ("lm_head.weight",) if config.tie_word_embeddings else ()
+    return {
+        k: v.detach().contiguous().cpu()
+        for k, v in state.items()
+        if k not in dropped and (include_aligning_layer or not k.startswith(TRAINING_ONLY_PREFIXES))
+    }
 
 
 def save_checkpoint(
