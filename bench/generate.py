@@ -1,7 +1,9 @@
 """Generation and serving benchmark on a mid-size random EVEv2 model (CPU by default).
 
 Prints, in one run:
-  1. time-to-first-token and decode tokens/s at batch 1 and batch 8 (target: batch 8 >= 4x batch 1);
+  1. time-to-first-token and decode tokens/s at batch 1 and batch 8 (target: batch 8 >= 4x batch 1),
+     and the cost per token of streaming detokenisation for short and long answers (it should not
+     grow with the answer's length);
   2. the server's requests/s and p50/p95 latency under a fixed concurrent load sent by a separate
      client process over loopback (a bounded number of requests; the run ends by itself), with
      dynamic batching on (max batch 8) and off (max batch 1).
@@ -144,6 +146,32 @@ def measure_decode(model, processor, batch_size: int, new_tokens: int) -> tuple[
     return first - start, tokens / (end - first)
 
 
+def measure_detokenisation(processor, n_tokens: int, repeats: int = 5, window: int = 128) -> float:
+    """Microseconds per token to stream the last `window` tokens of an `n_tokens` answer as text.
+
+    Timing only the answer's end shows whether the cost per token grows with its length; best of
+    `repeats` because the machine is shared.
+    """
+    from eve_vlm.generate import TextDeltas
+
+    tok = processor.tokenizer
+    text = "The red circle sits next to a blue triangle on a white background. " * n_tokens
+    ids = tok.encode(text, add_special_tokens=False)[:n_tokens]
+    best = float("inf")
+    for _ in range(repeats):
+        deltas = TextDeltas(tok, 1, processor.stop_strings)
+        seq: list[int] = []  # grows in place, as generation's token lists do
+        for token in ids[: n_tokens - window]:
+            seq.append(token)
+            deltas.delta(0, seq)
+        start = time.perf_counter()
+        for token in ids[n_tokens - window :]:
+            seq.append(token)
+            deltas.delta(0, seq)
+        best = min(best, time.perf_counter() - start)
+    return best / window * 1e6
+
+
 def load_test(model, processor, args: argparse.Namespace, max_batch_size: int) -> dict:
     from eve_vlm.serve import ServerLimits, ServerSettings, create_app
     from eve_vlm.serve.server import start_background_server
@@ -215,6 +243,11 @@ def main() -> None:
     ratio = rates[8] / rates[1]
     print(
         f"batch 8 / batch 1 decode throughput: {ratio:.2f}x (target >= 4x: {'met' if ratio >= 4 else 'NOT met'})"
+    )
+    detok = {n: measure_detokenisation(processor, n) for n in (128, 2048)}
+    print(
+        f"streaming detokenisation (last 128 tokens): {detok[128]:.1f} us/token in a 128-token answer, "
+        f"{detok[2048]:.1f} us/token in a 2048-token answer"
     )
 
     if args.skip_server:
