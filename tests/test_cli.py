@@ -235,3 +235,23 @@ def test_a_command_whose_extra_is_missing_says_what_to_install(monkeypatch, caps
     assert error_line(capsys) == (
         "eve: error: `eve serve` needs the optional dependency 'fastapi': pip install 'eve-vlm[serve]'"
     )
+
+
+def test_a_missing_optional_dependency_at_run_time_says_which_extra(monkeypatch, capsys):
+    def needs_easy_vqa(args):
+        raise ModuleNotFoundError("No module named 'easy_vqa'", name="easy_vqa")
+
+    monkeypatch.setattr("eve_vlm.quickstart.cli.run", needs_easy_vqa)
+    assert main(["quickstart"]) == 2
+    assert error_line(capsys) == (
+        "eve: error: `eve quickstart` needs the optional dependency 'easy_vqa': pip install 'eve-vlm[quickstart]'"
+    )
+
+
+def test_an_import_error_of_the_library_itself_is_not_hidden(monkeypatch):
+    def broken(args):
+        raise ModuleNotFoundError("No module named 'eve_vlm.nope'", name="eve_vlm.nope")
+
+    monkeypatch.setattr("eve_vlm.quickstart.cli.run", broken)
+    with pytest.raises(ModuleNotFoundError):
+        main(["quickstart"])

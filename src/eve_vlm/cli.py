@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
 import traceback
 from importlib import metadata
@@ -27,14 +28,13 @@ SUBCOMMAND_MODULES = (
     "eve_vlm.eval.profile_cli",
     "eve_vlm.quickstart.cli",
 )
-# Subcommand modules whose package needs an optional dependency: (the pip extra, the commands it adds).
-# Without the extra those commands still show in the help and fail in one line saying what to install.
-OPTIONAL_MODULES = {"eve_vlm.serve.cli": ("serve", ("serve",))}
+# Subcommand modules whose package needs an optional dependency, with the commands they add:
+# without it those commands still show in the help and fail in one line saying what to install.
+OPTIONAL_MODULES = {"eve_vlm.serve.cli": ("serve",)}
 DISTRIBUTION = "eve-vlm"
 USAGE_ERROR = 2  # the exit code of bad input, as argparse uses for bad flags
 INTERRUPTED = 130
-
-logger = logging.getLogger("eve_vlm.cli")
+_EXTRA_MARKER = re.compile(r"""extra\s*==\s*["']([^"']+)["']""")
 
 
 def version() -> str:
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         except ModuleNotFoundError as exc:
             if name not in OPTIONAL_MODULES or (exc.name or "").startswith("eve_vlm"):
                 raise
-            _register_missing_extra(sub, name, exc.name or "?")
+            _register_missing_extra(sub, name, exc)
             continue
         module.register(sub)
     return parser
@@ -69,18 +69,45 @@ class MissingExtraError(ImportError):
     """A command whose optional dependencies are not installed."""
 
 
-def _register_missing_extra(sub: argparse._SubParsersAction, module: str, missing: str) -> None:
-    extra, commands = OPTIONAL_MODULES[module]
+def extra_providing(module: str | None) -> str | None:
+    """The pip extra of eve-vlm that installs the top-level `module` (from the package metadata)."""
+    if not module:
+        return None
+    top = module.split(".")[0].lower()
+    if top == "eve_vlm":  # the library itself: a bug or a broken install, not a missing extra
+        return None
+    try:
+        requirements = metadata.requires(DISTRIBUTION) or []
+    except metadata.PackageNotFoundError:
+        return None
+    for requirement in requirements:
+        extra = _EXTRA_MARKER.search(requirement)
+        name = re.match(r"[A-Za-z0-9_.-]+", requirement)
+        if extra and name and name.group(0).lower().replace("-", "_") == top:
+            return extra.group(1)
+    return None
 
+
+def missing_extra_error(command: str, exc: ModuleNotFoundError) -> MissingExtraError | None:
+    """The one-line error for `command` failing on an optional dependency, None for any other import error."""
+    extra = extra_providing(exc.name)
+    if extra is None:
+        return None
+    return MissingExtraError(
+        f"`eve {command}` needs the optional dependency {exc.name!r}: pip install 'eve-vlm[{extra}]'"
+    )
+
+
+def _register_missing_extra(sub: argparse._SubParsersAction, module: str, exc: ModuleNotFoundError) -> None:
     def fail(args: argparse.Namespace) -> int:
-        raise MissingExtraError(
-            f"`eve {args.command}` needs the optional dependency {missing!r}: pip install 'eve-vlm[{extra}]'"
+        raise missing_extra_error(args.command, exc) or MissingExtraError(
+            f"`eve {args.command}` needs {exc.name!r}, which is not installed"
         )
 
-    for command in commands:
+    for command in OPTIONAL_MODULES[module]:
         # No option prefix, so every argument (--flags too) lands in `rest` and the command can say
         # what to install instead of complaining about flags it cannot know.
-        p = sub.add_parser(command, help=f"(needs pip install 'eve-vlm[{extra}]')", add_help=False, prefix_chars="\0")
+        p = sub.add_parser(command, help=f"(not installed: needs {exc.name})", add_help=False, prefix_chars="\0")
         p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
         p.set_defaults(func=fail)
 
@@ -126,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return INTERRUPTED
     except Exception as exc:
+        if isinstance(exc, ModuleNotFoundError) and not isinstance(exc, MissingExtraError):
+            exc = missing_extra_error(args.command, exc) or exc
         if not isinstance(exc, user_error_types()):
             raise
         if args.debug:
