@@ -20,7 +20,7 @@ from pathlib import Path
 from eve_vlm.quickstart.assets import smollm2_hf_folder
 from eve_vlm.quickstart.run import (
     QuickstartConfig,
-    _recipe,
+    stage_recipe,
     build_model,
     evaluate,
     prior_accuracy,
@@ -43,7 +43,7 @@ def main() -> None:
         cfg = QuickstartConfig(out=out, steps_scale=1.0, eval_questions=args.eval_questions, seed=args.seed)
         data = write_data(out / "data", cfg)
         model, processor = build_model(smollm2_hf_folder(), cfg)
-        recipe = _recipe("3_sft", cfg, [f"output_dir={out / 'blind'}", f"data.path={data['qa_blind']}"])
+        recipe = stage_recipe("3_sft", cfg, [f"output_dir={out / 'blind'}", f"data.path={data['qa_blind']}"])
         recipe.max_steps = args.steps
         rows: list[dict] = []
         scored: list[int] = []

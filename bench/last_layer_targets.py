@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from eve_vlm.constants import IGNORE_INDEX
 from eve_vlm.model import next_token_targets
 from eve_vlm.quickstart.assets import smollm2_hf_folder
-from eve_vlm.quickstart.run import QuickstartConfig, _recipe, build_model, write_data
+from eve_vlm.quickstart.run import QuickstartConfig, stage_recipe, build_model, write_data
 from eve_vlm.train import Trainer
 
 
@@ -53,7 +53,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model, processor = build_model(smollm2_hf_folder(), cfg)
         data = write_data(Path(tmp) / "data", cfg)
-        recipe = _recipe("3_sft", cfg, [f"output_dir={Path(tmp) / 'out'}", f"data.path={data['qa']}"])
+        recipe = stage_recipe("3_sft", cfg, [f"output_dir={Path(tmp) / 'out'}", f"data.path={data['qa']}"])
         trainer = Trainer.from_recipe(recipe, model=model, processor=processor, progress=False)  # applies the freezing
         model = trainer.model.train()
         batches = [trainer.batches.next() for _ in range(args.steps + 2)]

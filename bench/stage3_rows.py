@@ -21,7 +21,7 @@ from pathlib import Path
 
 from eve_vlm.constants import IGNORE_INDEX
 from eve_vlm.quickstart.assets import smollm2_hf_folder
-from eve_vlm.quickstart.run import QuickstartConfig, _recipe, build_model, write_data
+from eve_vlm.quickstart.run import QuickstartConfig, stage_recipe, build_model, write_data
 from eve_vlm.train import Trainer
 
 
@@ -29,7 +29,7 @@ def time_layout(folder: Path, cfg: QuickstartConfig, data_key: str, rows: int, s
     """(ms per question, spliced tokens per question) over `steps` timed steps after two warm-up steps."""
     model, processor = build_model(smollm2_hf_folder(), cfg)
     data = write_data(folder / "data", cfg)
-    recipe = _recipe("3_sft", cfg, [f"output_dir={folder / 'out'}", f"data.path={data[data_key]}", "max_steps=100",
+    recipe = stage_recipe("3_sft", cfg, [f"output_dir={folder / 'out'}", f"data.path={data[data_key]}", "max_steps=100",
                                      f"global_batch_size={rows}", f"micro_batch_size={rows}"])
     trainer = Trainer.from_recipe(recipe, model=model, processor=processor, progress=False)
     optimizer = trainer.parts.optimizer

@@ -55,7 +55,7 @@ def matmul_peak(n: int = 2048, reps: int = 5) -> float:
 
 
 def build(args: argparse.Namespace) -> tuple[EveForCausalLM, EveProcessor]:
-    tokenizer = make_tiny_tokenizer()
+    tokenizer = make_tiny_tokenizer(corpus="shapes")
     cfg = EveConfig(
         version="v2", family="qwen2", vocab_size=args.vocab, hidden_size=args.hidden,
         intermediate_size=args.hidden * 11 // 4, num_hidden_layers=args.layers,

@@ -27,28 +27,32 @@ def test_reduced_quickstart(tmp_path, all_cores):
     from eve_vlm.quickstart.run import QuickstartConfig, run_quickstart
 
     out = tmp_path / "qs"
-    # 45% of the default CPU steps for stages 1-2 and the blind model, 200 stage-3 steps (about 6
-    # minutes on two cores): enough for colour to be learned.
-    cfg = QuickstartConfig(out=out, steps_scale=0.45, eval_questions=300, blind=True, overrides=("3_sft:max_steps=450",))
+    # 45% of the default CPU steps for stages 1-2 and the blind model, 450 stage-3 steps (about 6
+    # minutes on two cores): enough for colour to be learned. Fixed steps: no budget re-plan.
+    cfg = QuickstartConfig(out=out, steps_scale=0.45, eval_questions=300, blind=True, fit_budget=False,
+                           multiturn_conversations=40, overrides=("3_sft:max_steps=450",))
     metrics = run_quickstart(cfg)
 
     for name in ("report.md", "loss.png", "metrics.json", "final/config.json", "final/model.safetensors"):
         assert (out / name).is_file(), name
     saved = json.loads((out / "metrics.json").read_text())
-    for key in ("accuracy", "blind_accuracy", "prior_accuracy", "wall_seconds"):
-        assert key in saved
-    for key in ("accuracy", "blind_accuracy", "prior_accuracy"):
-        assert 0.0 <= saved[key] <= 1.0
-    assert set(saved["per_type"]) == {"color", "shape", "yes_no"}
-    assert set(saved["blind_per_type"]) == {"color", "shape", "yes_no"}
+    assert saved == json.loads(json.dumps(metrics))
+    assert set(saved["per_type"]) == set(saved["blind_per_type"]) == set(saved["prior_per_type"]) == {"color", "shape", "yes_no"}
     assert metrics["eval_questions"] == 300
-    from eve_vlm.quickstart.run import STAGES, _recipe, blind_model_steps
+    from eve_vlm.quickstart.run import STAGES, blind_model_steps, stage_recipe
 
-    recipe_steps = {**{s: _recipe(s, cfg, []).max_steps for s in STAGES}, "blind": blind_model_steps(cfg)}
-    assert saved["steps"] == recipe_steps or saved["budget"]["shortened"]
-    assert saved["budget"]["recipe_steps"] == recipe_steps and saved["steps"]["blind"] == recipe_steps["blind"]
+    recipe_steps = {s: stage_recipe(s, cfg, []).max_steps for s in STAGES}
+    assert recipe_steps["3_sft"] == 450
+    assert saved["steps"] == {**recipe_steps, "blind": blind_model_steps(cfg)}
+    assert saved["budget"] is None
+    for stage in STAGES:  # each stage ran exactly its steps
+        assert json.loads((out / stage / "summary.json").read_text())["steps"] == recipe_steps[stage]
     assert saved["questions_per_sample"] == 16 and saved["stage3_turns"] == "independent"
-    assert saved["patch_activation"] == "gelu"
+    assert saved["patch_activation"] == "gelu" and saved["dialogue_fraction"] == 0.2
+    # Multi-turn: 40 follow-up conversations (questions 2 and 3 scored) and 40 image switches.
+    mt = saved["multiturn"]
+    assert mt["count"] == 40 * 2 + 40 and set(mt["by_kind"]) == {"follow_up", "image_switch"}
+    assert saved["multiturn_accuracy"] == mt["accuracy"]
     # The image is used: colour + shape beat the blank-image model by a clear margin (at the full
     # default budget: 93.9% vs 29.2%; chance is 12.5% / 33%).
     seen = (saved["per_type"]["color"] + saved["per_type"]["shape"]) / 2
@@ -58,8 +62,11 @@ def test_reduced_quickstart(tmp_path, all_cores):
     for stage in ("1_prealign", "2_pretrain", "3_sft"):
         losses = [json.loads(line)["loss"] for line in (out / stage / "metrics.jsonl").read_text().splitlines()]
         assert min(losses[-2:]) < losses[0], (stage, losses)
+    # The model beats the answer prior on colour, which only the image can tell.
+    assert saved["per_type"]["color"] > saved["prior_per_type"]["color"] + 0.3
     report = (out / "report.md").read_text()
     assert "| EVE (ours) |" in report and "answer prior" in report and "eve chat --model" in report
+    assert "Multi-turn" in report
     # The final folder is what `eve chat` / `eve ask` load.
     EveForCausalLM.from_pretrained(out / "final")
     EveProcessor.from_pretrained(out / "final")
@@ -77,24 +84,24 @@ def test_layer_lists_parse_and_format():
 def test_ablations_run_at_equal_compute(tmp_path):
     """Without stage 1, its steps go to stage 2; without the teacher, no aligner trains."""
     from eve_vlm.quickstart.ablations import ablation_configs
-    from eve_vlm.quickstart.run import STAGES, QuickstartConfig, _recipe
+    from eve_vlm.quickstart.run import STAGES, QuickstartConfig, stage_recipe
 
     configs = ablation_configs(QuickstartConfig(out=tmp_path, steps_scale=0.5))
     assert set(configs) == {"full", "no_prealign", "no_teacher"}
 
     def steps(cfg):
-        return sum(_recipe(s, cfg, []).max_steps for s in STAGES if s not in cfg.skip_stages)
+        return sum(stage_recipe(s, cfg, []).max_steps for s in STAGES if s not in cfg.skip_stages)
 
     assert steps(configs["full"]) == steps(configs["no_prealign"]) == steps(configs["no_teacher"])
     assert not any(c.blind for c in configs.values())
     for stage in ("1_prealign", "2_pretrain"):
-        recipe = _recipe(stage, configs["no_teacher"], [])
+        recipe = stage_recipe(stage, configs["no_teacher"], [])
         assert recipe.teacher.kind == "none" and "aligner" not in recipe.trainable
-        assert _recipe(stage, configs["full"], []).teacher.kind == "efficientnet"
+        assert stage_recipe(stage, configs["full"], []).teacher.kind == "efficientnet"
 
 
 def test_stage_overrides_pick_their_stage_and_reject_unknown_ones():
-    from eve_vlm.quickstart.run import QuickstartConfig, _recipe, stage_overrides
+    from eve_vlm.quickstart.run import QuickstartConfig, stage_recipe, stage_overrides
 
     items = ("optim.lr=0.01", "3_sft:max_steps=7", "1_prealign:optim.warmup_ratio=0.5", "data.path=c:/x.jsonl")
     assert stage_overrides(items, "3_sft") == ["optim.lr=0.01", "max_steps=7", "data.path=c:/x.jsonl"]
@@ -102,8 +109,8 @@ def test_stage_overrides_pick_their_stage_and_reject_unknown_ones():
     with pytest.raises(ValueError, match="4_rlhf"):
         stage_overrides(("4_rlhf:max_steps=1",), "3_sft")
     cfg = QuickstartConfig(steps_scale=1.0, overrides=("3_sft:max_steps=7", "optim.warmup_ratio=0.5"))
-    assert _recipe("3_sft", cfg, []).max_steps == 7
-    assert _recipe("2_pretrain", cfg, []).optim.warmup_ratio == 0.5
+    assert stage_recipe("3_sft", cfg, []).max_steps == 7
+    assert stage_recipe("2_pretrain", cfg, []).optim.warmup_ratio == 0.5
 
 
 def test_a_gpu_fits_more_steps_into_the_same_budget(monkeypatch):
@@ -111,7 +118,7 @@ def test_a_gpu_fits_more_steps_into_the_same_budget(monkeypatch):
         GPU_STEPS_FACTOR,
         STAGES,
         QuickstartConfig,
-        _recipe,
+        stage_recipe,
         blind_model_steps,
         default_steps_scale,
     )
@@ -122,10 +129,10 @@ def test_a_gpu_fits_more_steps_into_the_same_budget(monkeypatch):
     assert set(GPU_STEPS_FACTOR) == set(STAGES) and all(f > 1 for f in GPU_STEPS_FACTOR.values())
     cfg = QuickstartConfig()  # no steps_scale: from the budget and the device
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    cpu = {s: _recipe(s, cfg, []).max_steps for s in STAGES}
+    cpu = {s: stage_recipe(s, cfg, []).max_steps for s in STAGES}
     assert cpu == {"1_prealign": 360, "2_pretrain": 180, "3_sft": 900}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    gpu = {s: _recipe(s, cfg, []).max_steps for s in STAGES}
+    gpu = {s: stage_recipe(s, cfg, []).max_steps for s in STAGES}
     assert gpu == {s: round(cpu[s] * GPU_STEPS_FACTOR[s]) for s in STAGES}
     assert gpu == {"1_prealign": 720, "2_pretrain": 1200, "3_sft": 1008}
     assert blind_model_steps(cfg) == 100  # the blind model has nothing more to learn on a GPU
@@ -140,7 +147,7 @@ def test_stage3_samples_group_an_images_questions_as_independent_turns(tmp_path)
     from collections import Counter
 
     from eve_vlm.quickstart.easy_vqa_data import load_easy_vqa
-    from eve_vlm.quickstart.run import QuickstartConfig, _recipe, write_data
+    from eve_vlm.quickstart.run import QuickstartConfig, stage_recipe, write_data
 
     train = load_easy_vqa("train")
     paths = write_data(tmp_path, QuickstartConfig())
@@ -154,8 +161,8 @@ def test_stage3_samples_group_an_images_questions_as_independent_turns(tmp_path)
     assert all("<image>" not in t["value"] for r in records for t in r["conversations"][1:])
     blind = [json.loads(line) for line in paths["qa_blind"].read_text().splitlines()]
     assert {r["image"] for r in blind} == {str(tmp_path / "blank.png")} and len(blind) == len(records)
-    assert _recipe("3_sft", QuickstartConfig(), []).data.independent_turns
-    assert not _recipe("3_sft", QuickstartConfig(stage3_turns="dialogue"), []).data.independent_turns
+    assert stage_recipe("3_sft", QuickstartConfig(), []).data.independent_turns
+    assert not stage_recipe("3_sft", QuickstartConfig(stage3_turns="dialogue"), []).data.independent_turns
     with pytest.raises(ValueError, match="questions_per_sample"):
         QuickstartConfig(questions_per_sample=0)
     with pytest.raises(ValueError, match="stage3_turns"):
@@ -165,11 +172,11 @@ def test_stage3_samples_group_an_images_questions_as_independent_turns(tmp_path)
 
 
 def test_frozen_embedding_recipe_keeps_the_tied_head_fixed():
-    from eve_vlm.quickstart.run import QuickstartConfig, _recipe
+    from eve_vlm.quickstart.run import QuickstartConfig, stage_recipe
 
-    assert _recipe("2_pretrain", QuickstartConfig(steps_scale=1.0), []).freeze == ["model.embed_tokens.*"]
+    assert stage_recipe("2_pretrain", QuickstartConfig(steps_scale=1.0), []).freeze == ["model.embed_tokens.*"]
     # stage 3 also keeps the patch embedding and the first two decoder layers as stages 1-2 left them
-    sft = _recipe("3_sft", QuickstartConfig(steps_scale=1.0), [])
+    sft = stage_recipe("3_sft", QuickstartConfig(steps_scale=1.0), [])
     assert sft.freeze == ["model.embed_tokens.*", "model.layers.0.*", "model.layers.1.*"]
     assert sft.trainable == ["llm"]
 

@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .run import QuickstartConfig, _recipe, run_quickstart
+from .run import QuickstartConfig, stage_recipe, run_quickstart
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ ABLATIONS: dict[str, str] = {
 
 def ablation_configs(cfg: QuickstartConfig) -> dict[str, QuickstartConfig]:
     base = replace(cfg, blind=False, fit_budget=False)  # equal compute, whatever the wall time
-    prealign_steps = _recipe("1_prealign", replace(base, steps_scale=1.0), []).max_steps
+    prealign_steps = stage_recipe("1_prealign", replace(base, steps_scale=1.0), []).max_steps
     return {
         "full": replace(base, out=cfg.out / "full"),
         "no_prealign": replace(

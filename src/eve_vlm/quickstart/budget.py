@@ -9,19 +9,18 @@ stage 3 first, then stage 2. The blind model's few steps are never shortened.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
+from typing import Any
+
+from ..train import Trainer, TrainerCallback
 
 logger = logging.getLogger(__name__)
 
 # Seconds per step of the default recipes on the reference 2-core CPU (fp32), and per evaluated
-# question; "blind" is the blind model's stage 3 (blank images). Session 5's stage 1 (0.78 s) scaled
-# by what runs measured step for step: "<colour> <shape>" captions make stage 1 0.77x and stage 2
-# 0.83x as expensive as "A <colour> <shape>." (session 7); since the last decoder layer runs on
-# target positions only and blank prefixes no longer merge into one long row (session 8), a
-# stage-3 or blind step costs 0.57-0.65x a stage-1 step (two runs; the reference takes the slow
-# end, since the blind model cannot be shortened once stage 3 has run), and greedy evaluation
-# ~11 ms a question. Session 9: a stage-3 step 0.39 s (q14: 518 steps took 0.553 s each at 1.41x,
-# and the whole run ended 0.05 s inside 15 minutes with 0.37).
+# question; "blind" is the blind model's stage 3 (blank images). Measured on full default runs: a
+# stage-3 or blind step costs 0.6-0.65x a stage-1 step, since its first layers are frozen and its
+# last layer runs on target positions only; greedy evaluation takes ~11 ms a question.
 REFERENCE_STEP_SECONDS: dict[str, float] = {"1_prealign": 0.60, "2_pretrain": 0.80, "3_sft": 0.39, "blind": 0.37}
 REFERENCE_EVAL_SECONDS_PER_QUESTION = 0.011
 # The least of a stage's planned steps the planner keeps: below this a stage teaches too little to
@@ -37,6 +36,7 @@ class BudgetPlanner:
     steps: dict[str, int]  # planned steps per phase: the stages, and "blind" when the blind model runs
     eval_questions: int
     evaluations: int  # greedy evaluations still to run (the model and the blind model)
+    extra_eval_questions: int = 0  # answers generated once more (the multi-turn evaluation's turns)
     margin: float = 0.97  # aim this fraction of the budget: report, plots and copies take seconds too
     measured: dict[str, tuple[int, float]] = field(default_factory=dict)
     planned: dict[str, int] = field(init=False)
@@ -61,7 +61,8 @@ class BudgetPlanner:
 
     def _seconds_for_training(self, elapsed_seconds: float, f: float) -> float:
         """What the budget leaves for training steps once the evaluations are priced at speed `f`."""
-        evals = f * self.evaluations * self.eval_questions * REFERENCE_EVAL_SECONDS_PER_QUESTION
+        questions = self.evaluations * self.eval_questions + self.extra_eval_questions
+        evals = f * questions * REFERENCE_EVAL_SECONDS_PER_QUESTION
         return self.budget_seconds * self.margin - elapsed_seconds - evals
 
     def replan(self, elapsed_seconds: float) -> dict[str, int]:
@@ -121,3 +122,26 @@ class BudgetPlanner:
             "planned_steps": dict(self.planned),
             "shortened": any(self.planned[p] < self.steps[p] for p in self.steps),
         }
+
+
+class RunningReplan(TrainerCallback):
+    """Re-plans a running stage's length from its own speed every `every` steps, while its
+    learning rate is still flat (the schedule says when: wsd before its decay, or constant)."""
+
+    def __init__(self, planner: BudgetPlanner, stage: str, *, stage_start: float, run_start: float, every: int = 20):
+        self.planner = planner
+        self.stage = stage
+        self.stage_start = stage_start
+        self.run_start = run_start
+        self.every = every
+
+    def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        step, schedule = trainer.state.step, trainer.schedule
+        if step % self.every or not schedule.can_resize(step):
+            return
+        now = time.perf_counter()
+        planned = self.planner.replan_running(self.stage, step, now - self.stage_start, now - self.run_start)
+        total = max(planned, schedule.shortest_total(step))  # too late to end sooner: the soonest possible
+        if total != schedule.total:
+            schedule.resize(total, step)
+            self.planner.planned[self.stage] = total

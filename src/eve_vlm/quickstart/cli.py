@@ -50,6 +50,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "or as one dialogue (later turns can read earlier answers)",
     )
     p.add_argument(
+        "--dialogue-fraction", type=float, default=0.2,
+        help="fraction of training images that also get a multi-turn dialogue in stage 3 "
+        "(follow-up questions, or a switch to a second image), so that chat works",
+    )
+    p.add_argument(
+        "--multiturn-conversations", type=int, default=200,
+        help="held-out conversations of each kind scored for the multi-turn accuracy (0 = skip)",
+    )
+    p.add_argument(
         "--caption-style", choices=["short", "varied"], default="short",
         help='stages 1-2 captions: "a <colour> <shape>" or eight varied phrasings',
     )
@@ -68,12 +77,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .run import STAGES, _recipe, run_quickstart
+    from .run import STAGES, stage_recipe, run_quickstart
 
     # bad flags fail here (a RecipeError is a ValueError: one line, exit 2), before minutes of set-up
     cfg = _config(args)
     for stage in STAGES:
-        _recipe(stage, cfg, [])
+        stage_recipe(stage, cfg, [])
     if args.ablations:
         return _run_ablations(cfg)
     m = run_quickstart(cfg)
@@ -86,6 +95,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {'blind (blank images)':22s} {pct(m['blind_accuracy'])} {pct(bper.get('color'))} {pct(bper.get('shape'))} {pct(bper.get('yes_no'))}")
     pp = m["prior_per_type"]
     print(f"  {'answer prior':22s} {pct(m['prior_accuracy'])} {pct(pp.get('color'))} {pct(pp.get('shape'))} {pct(pp.get('yes_no'))}")
+    if m["multiturn_accuracy"] is not None:
+        kinds = m["multiturn"]["by_kind"]
+        print(f"  multi-turn: {pct(m['multiturn_accuracy'])} (follow-ups {pct(kinds.get('follow_up'))}, "
+              f"after an image switch {pct(kinds.get('image_switch'))})")
     print(f"\nReport: {args.out / 'report.md'}")
     print(f"Chat with the model: eve chat --model {args.out / 'final'} --image path/to/image.png")
     return 0
@@ -111,6 +124,8 @@ def _config(args: argparse.Namespace):
         short_captions=args.caption_style == "short",
         patch_activation=args.patch_activation,
         stage3_turns=args.stage3_turns,
+        dialogue_fraction=args.dialogue_fraction,
+        multiturn_conversations=args.multiturn_conversations,
         **({"questions_per_sample": args.questions_per_sample} if args.questions_per_sample is not None else {}),
     )
 

@@ -8,6 +8,7 @@ model trained on blank images.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -20,12 +21,15 @@ from typing import Any
 
 import torch
 
-from ..model.config import PATCH_ACTIVATIONS
 from ..conversion import format_layers
+from ..model.config import PATCH_ACTIVATIONS
+from ..train import Recipe, Trainer
+from .budget import RunningReplan
+from .conversations import EVAL_TURNS_PER_PAIR, dialogue_records, evaluate_conversations, held_out_conversations
 
 logger = logging.getLogger(__name__)
 
-RECIPE_DIR = Path(__file__).resolve().parents[3] / "recipes" / "quickstart"
+RECIPES = "quickstart"  # the shipped recipes quickstart/1_prealign ... quickstart/3_sft
 STAGES = ("1_prealign", "2_pretrain", "3_sft")
 STAGE3_TURNS = ("independent", "dialogue")
 EASY_VQA_TEST_QUESTIONS = 9673  # what `eval_questions=0` (all of them) evaluates
@@ -55,6 +59,12 @@ class QuickstartConfig:
     # per sample vs 95% with 1, at similar compute; docs/quickstart.md).
     questions_per_sample: int = 16
     stage3_turns: str = "independent"
+    # Fraction of the training images that also get one multi-turn dialogue record in stage 3 (half
+    # follow-up questions about one image, half a switch to a second image), so that `eve chat`
+    # answers follow-ups and follows `/image` (quickstart/conversations.py). 0: none.
+    dialogue_fraction: float = 0.2
+    # Held-out conversations of each kind scored for the multi-turn accuracy (0: skip it).
+    multiturn_conversations: int = 200
     blind: bool = True
     # Stage-3 steps of the blind model (at the 15-minute budget; scaled like the stages). Without the
     # image the best any model can do is the answer prior (the most common training answer of each
@@ -90,34 +100,39 @@ class QuickstartConfig:
             raise ValueError(f"blind_steps must be >= 1, got {self.blind_steps}")
         if self.budget_minutes <= 0:
             raise ValueError(f"budget_minutes must be > 0, got {self.budget_minutes}")
+        if not 0.0 <= self.dialogue_fraction <= 1.0:
+            raise ValueError(f"dialogue_fraction must be in [0, 1], got {self.dialogue_fraction}")
+        if self.multiturn_conversations < 0:
+            raise ValueError(f"multiturn_conversations must be >= 0, got {self.multiturn_conversations}")
 
     @property
     def layers_text(self) -> str:
         return f"layers {format_layers(self.keep_layers)} of SmolLM2's 30"
 
 
-def _recipe(stage: str, cfg: QuickstartConfig, overrides: list[str]):
-    from ..train import Recipe
-
-    path = RECIPE_DIR / f"{stage}.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"quickstart recipe missing: {path}")
-    recipe = Recipe.load(path, [*stage_overrides(cfg.overrides, stage), *overrides])
+def stage_recipe(stage: str, cfg: QuickstartConfig, overrides: list[str]) -> Recipe:
+    """The shipped recipe of `stage`, composed for `cfg`: its overrides, steps scaled to the budget,
+    the run's seed, and the variant's groups (v2 has no teacher; its vision copies train instead)."""
+    recipe = Recipe.load(f"{RECIPES}/{stage}", [*stage_overrides(cfg.overrides, stage), *overrides])
     scale = cfg.steps_scale if cfg.steps_scale is not None else default_steps_scale(cfg.budget_minutes, stage)
-    recipe.max_steps = max(2, int(round((recipe.max_steps or 10) * scale)))
-    recipe.max_steps += int(round((cfg.extra_steps or {}).get(stage, 0) * scale))
-    recipe.seed = cfg.seed
+    steps = max(2, int(round((recipe.max_steps or 10) * scale)))
+    steps += int(round((cfg.extra_steps or {}).get(stage, 0) * scale))
+    data = recipe.data
     if stage == "3_sft" and cfg.stage3_turns == "dialogue":  # the recipe file trains independent turns
-        recipe.data.independent_turns = False
+        data = dataclasses.replace(data, independent_turns=False)
+    trainable, group_lr, teacher = list(recipe.trainable), dict(recipe.optim.group_lr), recipe.teacher
     if cfg.variant == "v2":
-        recipe.teacher.kind = "none"
-        recipe.trainable = [g if g != "aligner" else "experts" for g in recipe.trainable]
-        recipe.optim.group_lr = {("experts" if k == "aligner" else k): v for k, v in recipe.optim.group_lr.items()}
+        teacher = dataclasses.replace(teacher, kind="none")
+        trainable = ["experts" if g == "aligner" else g for g in trainable]
+        group_lr = {("experts" if k == "aligner" else k): v for k, v in group_lr.items()}
     if cfg.no_teacher:
-        recipe.teacher.kind = "none"
-        recipe.trainable = [g for g in recipe.trainable if g != "aligner"]
-        recipe.optim.group_lr.pop("aligner", None)
-    return recipe
+        teacher = dataclasses.replace(teacher, kind="none")
+        trainable = [g for g in trainable if g != "aligner"]
+        group_lr.pop("aligner", None)
+    return dataclasses.replace(
+        recipe, max_steps=steps, seed=cfg.seed, data=data, teacher=teacher, trainable=trainable,
+        optim=dataclasses.replace(recipe.optim, group_lr=group_lr),
+    )
 
 
 SHORT_CAPTION_TEMPLATES = ("a {color} {shape}",)
@@ -186,6 +201,8 @@ def write_data(folder: Path, cfg: QuickstartConfig) -> dict[str, Path]:
                 turns.append({"from": "human", "value": ("<image>\n" if k == 0 else "") + q.text})
                 turns.append({"from": "gpt", "value": q.answer})
             convs.append({"id": f"qa-{image_id}-{part}", "image": str(train.image_paths[image_id]), "conversations": turns})
+    if cfg.dialogue_fraction > 0:
+        convs += dialogue_records(train, cfg.dialogue_fraction, cfg.seed)
     rng.shuffle(convs)
     paths = {"captions": folder / "captions.jsonl", "qa": folder / "qa.jsonl"}
     for key, recs in (("captions", captions), ("qa", convs)):
@@ -196,7 +213,7 @@ def write_data(folder: Path, cfg: QuickstartConfig) -> dict[str, Path]:
     from PIL import Image
 
     Image.new("RGB", (64, 64), (255, 255, 255)).save(blank)
-    blind = [dict(r, image=str(blank)) for r in convs]
+    blind = [dict(r, image=[str(blank)] * len(r["image"]) if isinstance(r["image"], list) else str(blank)) for r in convs]
     paths["qa_blind"] = folder / "qa_blind.jsonl"
     with paths["qa_blind"].open("w") as f:
         for r in blind:
@@ -292,7 +309,6 @@ def prior_accuracy(cfg: QuickstartConfig, indices: list[int]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------- the run
 def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
-    from ..train import Trainer
     from .assets import smollm2_hf_folder
 
     t_start = time.perf_counter()
@@ -317,20 +333,21 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     stages = [s for s in STAGES if s not in cfg.skip_stages]
     planner = _planner(cfg, stages) if cfg.fit_budget else None
     for stage in stages:
-        recipe = _recipe(stage, cfg, [f"output_dir={out / stage}", f"data.path={data_for[stage]}"])
+        recipe = stage_recipe(stage, cfg, [f"output_dir={out / stage}", f"data.path={data_for[stage]}"])
         if planner is not None:
-            recipe.max_steps = planner.planned[stage]
+            recipe = dataclasses.replace(recipe, max_steps=planner.planned[stage])
         t = time.perf_counter()
-        trainer = Trainer(recipe, model=model, processor=processor)
+        callbacks = []
         if planner is not None and stage == "3_sft" and recipe.optim.schedule in ("wsd", "constant"):
-            trainer.on_log = _running_replanner(planner, trainer, stage, stage_start=t, run_start=t_start)
+            callbacks.append(RunningReplan(planner, stage, stage_start=t, run_start=t_start))
+        trainer = Trainer.from_recipe(recipe, model=model, processor=processor, callbacks=callbacks)
         result = trainer.train()
         model = trainer.model
         if stage == "2_pretrain":
             model.detach_aligning_layer()  # training-only: never part of the released model
         timings[stage] = time.perf_counter() - t
         histories[stage] = result.history
-        tokens_seen[stage] = trainer.tokens
+        tokens_seen[stage] = trainer.state.tokens
         steps[stage] = trainer.max_steps
         if planner is not None:
             planner.record(stage, trainer.max_steps, timings[stage])
@@ -345,14 +362,22 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     timings["eval"] = time.perf_counter() - t
     indices = sorted(main["predictions"])
     prior = prior_accuracy(cfg, indices)
+    multiturn: dict[str, Any] | None = None
+    if cfg.multiturn_conversations:
+        from .easy_vqa_data import load_easy_vqa
+
+        t = time.perf_counter()
+        convs = held_out_conversations(load_easy_vqa("test"), cfg.multiturn_conversations, cfg.seed)
+        multiturn = evaluate_conversations(model, processor, convs)
+        timings["multiturn_eval"] = time.perf_counter() - t
 
     blind: dict[str, Any] | None = None
     if cfg.blind:
         t = time.perf_counter()
         blind_model, blind_proc = build_model(llm, cfg)
-        recipe = _recipe("3_sft", cfg, [f"output_dir={out / 'blind'}", f"data.path={data['qa_blind']}"])
-        recipe.max_steps = blind_model_steps(cfg)  # never shortened by the planner
-        trainer = Trainer(recipe, model=blind_model, processor=blind_proc)
+        recipe = stage_recipe("3_sft", cfg, [f"output_dir={out / 'blind'}", f"data.path={data['qa_blind']}"])
+        recipe = dataclasses.replace(recipe, max_steps=blind_model_steps(cfg))  # never shortened by the planner
+        trainer = Trainer.from_recipe(recipe, model=blind_model, processor=blind_proc)
         res = trainer.train()
         histories["blind_3_sft"] = res.history
         steps["blind"] = recipe.max_steps
@@ -365,6 +390,8 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     metrics = {
         "accuracy": main["accuracy"],
         "per_type": main["per_type"],
+        "multiturn_accuracy": multiturn["accuracy"] if multiturn else None,
+        "multiturn": multiturn,
         "blind_accuracy": blind["accuracy"] if blind else None,
         "blind_per_type": blind["per_type"] if blind else None,
         "prior_accuracy": prior["accuracy"],
@@ -377,6 +404,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
         "budget": planner.summary() if planner is not None else None,
         "questions_per_sample": cfg.questions_per_sample,
         "stage3_turns": cfg.stage3_turns,
+        "dialogue_fraction": cfg.dialogue_fraction,
         "patch_activation": cfg.patch_activation if cfg.variant == "v1" else "gelu (v2 built-in)",
         "llm_layers": list(cfg.keep_layers),
         "variant": cfg.variant,
@@ -389,31 +417,10 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     return metrics
 
 
-REPLAN_EVERY = 20  # stage-3 steps between re-plans from the stage's own speed
-
-
-def _running_replanner(planner, trainer, stage: str, *, stage_start: float, run_start: float):
-    """An `on_log` hook that re-plans `stage`'s length from its own speed every `REPLAN_EVERY` steps
-    while its learning rate is flat (wsd: until the decay of the old or the new length begins)."""
-
-    def on_log(record: dict[str, Any]) -> None:
-        step = trainer.step
-        if step % REPLAN_EVERY or not trainer.length_can_change():
-            return
-        now = time.perf_counter()
-        # too late to end sooner than the schedule allows: end at the soonest possible
-        total = max(planner.replan_running(stage, step, now - stage_start, now - run_start), trainer.shortest_length())
-        if total != trainer.max_steps:
-            trainer.set_max_steps(total)
-            planner.planned[stage] = total
-
-    return on_log
-
-
 def _planner(cfg: QuickstartConfig, stages: list[str]):
     from .budget import BudgetPlanner
 
-    planned = {stage: _recipe(stage, cfg, []).max_steps for stage in stages}
+    planned = {stage: stage_recipe(stage, cfg, []).max_steps for stage in stages}
     if cfg.blind:
         planned["blind"] = blind_model_steps(cfg)
     return BudgetPlanner(
@@ -421,6 +428,7 @@ def _planner(cfg: QuickstartConfig, stages: list[str]):
         steps=planned,
         eval_questions=cfg.eval_questions or EASY_VQA_TEST_QUESTIONS,
         evaluations=2 if cfg.blind else 1,
+        extra_eval_questions=cfg.multiturn_conversations * EVAL_TURNS_PER_PAIR,
     )
 
 
@@ -467,13 +475,22 @@ def write_report(out: Path, cfg: QuickstartConfig, metrics: dict[str, Any], main
     ]
     for name, acc, per in rows:
         lines.append(f"| {name} | {pct(acc)} | {pct(per.get('color'))} | {pct(per.get('shape'))} | {pct(per.get('yes_no'))} |")
+    mt = metrics.get("multiturn")
+    if mt:
+        kinds = mt["by_kind"]
+        lines += [
+            "",
+            f"Multi-turn (held-out conversations, the model's own answers as history; {mt['count']} scored answers): "
+            f"**{pct(mt['accuracy'])}** — follow-up questions 2-3 about one image {pct(kinds.get('follow_up'))}, "
+            f"first question after switching to a new image {pct(kinds.get('image_switch'))}.",
+        ]
     lines += ["", "## Settings and time", ""]
     lines.append(f"- device: {metrics['device']}; wall time {metrics['wall_seconds'] / 60:.1f} min")
     for k, v in metrics["timings_seconds"].items():
         lines.append(f"- {k}: {v:.0f} s")
     for k, v in metrics["tokens_seen"].items():
         lines.append(f"- tokens seen in {k}: {v:,}")
-    lines.append(f"- recipes: {RECIPE_DIR}/{{{','.join(STAGES)}}}.yaml (steps scaled by budget {cfg.budget_minutes} min)")
+    lines.append(f"- recipes: {', '.join(f'{RECIPES}/{s}' for s in STAGES)} (`eve recipes --paths`; steps scaled by budget {cfg.budget_minutes} min)")
     lines.append("- steps: " + ", ".join(f"{k} {v}" for k, v in metrics["steps"].items()))
     budget = metrics.get("budget")
     if budget and budget["shortened"]:
@@ -491,6 +508,8 @@ def write_report(out: Path, cfg: QuickstartConfig, metrics: dict[str, Any], main
         f"- stage-3 samples: up to {cfg.questions_per_sample} question(s) about one image each, as "
         + ("independent single-turn samples sharing the image prefix" if cfg.stage3_turns == "independent"
            else "one multi-turn dialogue")
+        + (f"; plus multi-turn dialogues for {cfg.dialogue_fraction:.0%} of the images (follow-ups, image switches)"
+           if cfg.dialogue_fraction else "")
     )
     lines.append(f"- patch embedding: activation after the patch conv: {metrics['patch_activation']}")
     if cfg.overrides:
