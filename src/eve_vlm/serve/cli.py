@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli_args import add_model_args, positive_float, positive_int
+from ..cli_args import add_model_args, non_negative_float, port_number, positive_float, positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -17,11 +17,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
+    p.add_argument("--port", type=port_number, default=8000, help="TCP port to listen on")
     p.add_argument("--name", default=None, help="model id reported by /v1/models (default: the folder name)")
     p.add_argument("--max-batch-size", type=positive_int, default=8, help="requests decoded together")
     p.add_argument(
-        "--batch-wait-ms", type=float, default=5.0, help="how long to gather concurrent requests into a batch"
+        "--batch-wait-ms", type=non_negative_float, default=5.0, help="how long to gather concurrent requests into a batch"
     )
     p.add_argument(
         "--allow-remote-images", action="store_true", help="let the server fetch http(s) image URLs"
