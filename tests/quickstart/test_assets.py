@@ -236,7 +236,7 @@ def test_teacher_features_differ_between_easy_vqa_images(teacher, test_split):
     assert torch.isfinite(feats).all()
     cos = torch.nn.functional.cosine_similarity(feats[0].flatten(), feats[1].flatten(), dim=0)
     assert cos < 0.99
-    assert torch.allclose(teacher(pixels[:1]), feats[:1], atol=1e-5)  # batch-independent (eval BN)
+    assert torch.allclose(teacher(pixels[:1]), feats[:1], atol=1e-4)  # batch-independent (eval BN; fp32 kernels differ by batch)
 
 
 # ----------------------------------------------------------------------------- SmolLM2 folder

@@ -101,7 +101,7 @@ def test_ablations_run_at_equal_compute(tmp_path):
 
 
 def test_stage_overrides_pick_their_stage_and_reject_unknown_ones():
-    from eve_vlm.quickstart.run import QuickstartConfig, stage_recipe, stage_overrides
+    from eve_vlm.quickstart.run import QuickstartConfig, stage_overrides, stage_recipe
 
     items = ("optim.lr=0.01", "3_sft:max_steps=7", "1_prealign:optim.warmup_ratio=0.5", "data.path=c:/x.jsonl")
     assert stage_overrides(items, "3_sft") == ["optim.lr=0.01", "max_steps=7", "data.path=c:/x.jsonl"]
@@ -118,9 +118,9 @@ def test_a_gpu_fits_more_steps_into_the_same_budget(monkeypatch):
         GPU_STEPS_FACTOR,
         STAGES,
         QuickstartConfig,
-        stage_recipe,
         blind_model_steps,
         default_steps_scale,
+        stage_recipe,
     )
 
     assert default_steps_scale(15.0, "3_sft", cuda=False) == 1.0
@@ -150,7 +150,7 @@ def test_stage3_samples_group_an_images_questions_as_independent_turns(tmp_path)
     from eve_vlm.quickstart.run import QuickstartConfig, stage_recipe, write_data
 
     train = load_easy_vqa("train")
-    paths = write_data(tmp_path, QuickstartConfig())
+    paths = write_data(tmp_path, QuickstartConfig(dialogue_fraction=0.0))
     records = [json.loads(line) for line in paths["qa"].read_text().splitlines()]
     per_image = Counter(q.image_id for q in train.questions)
     assert len(records) == sum(-(-n // 16) for n in per_image.values())
@@ -167,7 +167,7 @@ def test_stage3_samples_group_an_images_questions_as_independent_turns(tmp_path)
         QuickstartConfig(questions_per_sample=0)
     with pytest.raises(ValueError, match="stage3_turns"):
         QuickstartConfig(stage3_turns="chat")
-    single = write_data(tmp_path / "one", QuickstartConfig(questions_per_sample=1))
+    single = write_data(tmp_path / "one", QuickstartConfig(questions_per_sample=1, dialogue_fraction=0.0))
     assert sum(1 for _ in single["qa"].open()) == len(train.questions)
 
 
@@ -196,7 +196,7 @@ def test_bad_quickstart_flags_fail_at_once_in_one_line(tmp_path, capsys, flags, 
 
     assert main(["quickstart", "--out", str(tmp_path / "qs"), *flags]) == 2
     err = capsys.readouterr().err
-    assert "eve quickstart: error:" in err and message in err
+    assert err.startswith("eve: error:") and err.count("\n") == 1 and message in err
     assert not (tmp_path / "qs").exists()  # nothing was set up
 
 
@@ -233,20 +233,16 @@ def test_patch_activation_flag_reaches_the_config():
         QuickstartConfig(patch_activation="relu")
 
 
-def test_stage3_length_follows_the_running_replan_until_its_decay(tmp_path, monkeypatch):
-    """The quickstart's stage-3 hook applies the planner's new length every REPLAN_EVERY steps,
+def test_stage3_length_follows_the_running_replan_until_its_decay(tmp_path):
+    """The quickstart's stage-3 callback applies the planner's new length every `every` steps,
     ends no sooner than the wsd schedule allows, and stops re-planning once the decay has begun."""
-    from pathlib import Path
-
-    from eve_vlm.quickstart import run as qs
+    from eve_vlm.quickstart.budget import RunningReplan
     from eve_vlm.train import Recipe, Trainer
 
-    recipes = Path(__file__).resolve().parents[2] / "recipes" / "tiny"
     recipe = Recipe.load(
-        recipes / "eve_v2" / "2_fullalign.yaml",
+        "tiny/eve_v2/2_fullalign",
         [f"output_dir={tmp_path}", "max_steps=12", "optim.schedule=wsd", "optim.decay_ratio=0.5", "optim.warmup_ratio=0"],
     )
-    trainer = Trainer(recipe, progress=False)
 
     class ScriptedPlanner:
         planned = {"3_sft": 12}
@@ -257,10 +253,58 @@ def test_stage3_length_follows_the_running_replan_until_its_decay(tmp_path, monk
             return {5: 30, 10: 4}[done]  # longer at step 5; at step 10 far shorter than the schedule allows
 
     planner = ScriptedPlanner()
-    monkeypatch.setattr(qs, "REPLAN_EVERY", 5)
-    trainer.on_log = qs._running_replanner(planner, trainer, "3_sft", stage_start=0.0, run_start=0.0)
+    replan = RunningReplan(planner, "3_sft", stage_start=0.0, run_start=0.0, every=5)
+    trainer = Trainer.from_recipe(recipe, callbacks=[replan], progress=False)
     trainer.train()
     # step 10 is the last flat step for 21 steps (decay: the last round(0.5 * 21) = 10)
-    assert planner.asked == [5, 10] and trainer.step == 21 == planner.planned["3_sft"]
-    lrs = [r["lr"] for r in trainer.history]
+    assert planner.asked == [5, 10] and trainer.state.step == 21 == planner.planned["3_sft"]
+    lrs = [r["lr"] for r in trainer.state.history]
     assert lrs[:12] == [lrs[0]] * 12 and lrs[12] < lrs[0]  # flat, then the decay over the new length
+
+
+def test_stage3_mixes_in_dialogues_about_one_image_and_across_an_image_switch(tmp_path):
+    """The default adds one dialogue record for a fifth of the images: half follow-up questions about
+    one image, half a switch to a second image; each trains as one dialogue, its placeholders
+    where the images arrive; the blind data blanks every image of a record."""
+    from eve_vlm.data import record_from_dict
+    from eve_vlm.quickstart.conversations import SAME_IMAGE_TURNS, SWITCH_TURNS
+    from eve_vlm.quickstart.easy_vqa_data import load_easy_vqa
+    from eve_vlm.quickstart.run import QuickstartConfig, write_data
+
+    cfg = QuickstartConfig()
+    paths = write_data(tmp_path, cfg)
+    records = [json.loads(line) for line in paths["qa"].read_text().splitlines()]
+    dialogues = [r for r in records if r.get("independent_turns") is False]
+    images = len({q.image_id for q in load_easy_vqa("train").questions})
+    assert abs(len(dialogues) - cfg.dialogue_fraction * images) <= 0.01 * images
+    same = [r for r in dialogues if len(r["image"]) == 1]
+    switch = [r for r in dialogues if len(r["image"]) == 2]
+    assert len(same) + len(switch) == len(dialogues) and abs(len(same) - len(switch)) <= 1
+    assert all(len(r["conversations"]) == 2 * SAME_IMAGE_TURNS for r in same)
+    for r in switch:
+        assert r["image"][0] != r["image"][1] and len(r["conversations"]) == 2 * sum(SWITCH_TURNS)
+        humans = [t["value"] for t in r["conversations"][::2]]
+        assert [h.startswith("<image>\n") for h in humans] == [True, False, True, False]
+    parsed = record_from_dict(switch[0])
+    assert parsed.independent_turns is False and len(parsed.images) == 2
+    blind = [json.loads(line) for line in paths["qa_blind"].read_text().splitlines()]
+    blank = str(tmp_path / "blank.png")
+    assert all(r["image"] == [blank] * len(r["image"]) if isinstance(r["image"], list) else r["image"] == blank for r in blind)
+
+
+def test_held_out_conversations_score_follow_ups_and_the_first_question_after_a_switch():
+    from eve_vlm.quickstart.conversations import held_out_conversations
+    from eve_vlm.quickstart.easy_vqa_data import load_easy_vqa
+
+    test = load_easy_vqa("test")
+    convs = held_out_conversations(test, 30, seed=0)
+    assert convs == held_out_conversations(test, 30, seed=0)
+    follow = [c for c in convs if c.kind == "follow_up"]
+    switch = [c for c in convs if c.kind == "image_switch"]
+    assert len(follow) == len(switch) == 30
+    for c in follow:
+        assert c.scored == [False, True, True] and c.new_image[1:] == [None, None]
+        assert len({q.image_id for q in c.questions}) == 1
+    for c in switch:
+        assert c.scored == [False, True] and c.new_image[0] != c.new_image[1]
+        assert c.questions[0].image_id != c.questions[1].image_id

@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .run import QuickstartConfig, stage_recipe, run_quickstart
+from .run import QuickstartConfig, run_quickstart, stage_recipe
 
 logger = logging.getLogger(__name__)
 

@@ -77,7 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .run import STAGES, stage_recipe, run_quickstart
+    from .run import STAGES, run_quickstart, stage_recipe
 
     # bad flags fail here (a RecipeError is a ValueError: one line, exit 2), before minutes of set-up
     cfg = _config(args)

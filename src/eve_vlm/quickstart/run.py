@@ -25,7 +25,12 @@ from ..conversion import format_layers
 from ..model.config import PATCH_ACTIVATIONS
 from ..train import Recipe, Trainer
 from .budget import RunningReplan
-from .conversations import EVAL_TURNS_PER_PAIR, dialogue_records, evaluate_conversations, held_out_conversations
+from .conversations import (
+    EVAL_TURNS_PER_PAIR,
+    dialogue_records,
+    evaluate_conversations,
+    held_out_conversations,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,8 @@ from .checkpointing import latest_checkpoint
 from .params import param_group_of, set_trainable
 from .recipe import PARAM_GROUPS, Recipe, RecipeError
 from .schedule import LrSchedule
-from .trainer import Trainer, TrainerState, TrainResult, train
+from .state import TrainerState, TrainResult
+from .trainer import Trainer, train
 
 __all__ = [
     "PARAM_GROUPS",

@@ -16,8 +16,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data import BatchConfig, BatchStream, DataConfig, EveDataset, GlobalOrderRecords, JsonRecords, ReaderConfig, open_records
-from ..data import teacher_fn_from_processor
+from ..data import (
+    BatchConfig,
+    BatchStream,
+    DataConfig,
+    EveDataset,
+    GlobalOrderRecords,
+    JsonRecords,
+    ReaderConfig,
+    open_records,
+    teacher_fn_from_processor,
+)
 from ..model import EveForCausalLM
 from ..runtime import resolve_device, resolve_dtype
 from .checkpointing import seed_everything

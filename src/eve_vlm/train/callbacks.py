@@ -11,12 +11,33 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from .trainer import Trainer, TrainResult
+from .recipe import Recipe
+from .state import TrainerState, TrainResult
 
 logger = logging.getLogger(__name__)
+
+
+class Trainer(Protocol):
+    """What a callback sees of the trainer (`train.Trainer` is one)."""
+
+    recipe: Recipe
+    state: TrainerState
+
+    @property
+    def max_steps(self) -> int: ...
+
+    @property
+    def dist(self) -> Any: ...  # DistInfo: rank, world, main
+
+    @property
+    def schedule(self) -> Any: ...  # LrSchedule: resizable while the learning rate is flat
+
+    @property
+    def model(self) -> Any: ...
+
+    def save_checkpoint(self) -> Path: ...
 
 
 class TrainerCallback:

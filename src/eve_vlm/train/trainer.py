@@ -16,7 +16,6 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,30 +24,20 @@ import torch.distributed as dist
 
 from .builder import TrainingParts, build_training
 from .callbacks import TrainerCallback, default_callbacks
-from .checkpointing import checkpoint_dir, latest_checkpoint, prune_checkpoints, read_checkpoint, set_rng_state, write_checkpoint
+from .checkpointing import (
+    checkpoint_dir,
+    latest_checkpoint,
+    prune_checkpoints,
+    read_checkpoint,
+    set_rng_state,
+    write_checkpoint,
+)
 from .distributed import barrier, full_optimizer_state
 from .params import num_targets
 from .recipe import Recipe
+from .state import TrainerState, TrainResult
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainerState:
-    """What the loop has done so far; saved in every checkpoint, read by callbacks."""
-
-    step: int = 0
-    samples: int = 0
-    tokens: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-
-@dataclass
-class TrainResult:
-    output_dir: Path
-    final_dir: Path
-    history: list[dict[str, Any]] = field(default_factory=list)
-    summary: dict[str, Any] = field(default_factory=dict)
 
 
 class Trainer:
