@@ -649,3 +649,22 @@ def test_freeze_patterns_hold_back_matching_parameters_and_tied_heads(tmp_path: 
     assert all(p.requires_grad for n, p in model.named_parameters() if "layers.0.mlp" in n)
     with pytest.raises(ValueError, match="no_such_param"):
         set_trainable(model, ["llm"], ["no_such_param*"])
+
+
+def test_data_workers_resume_exactly_and_refuse_another_worker_count(tmp_path: Path) -> None:
+    """With DataLoader workers the stream still replays exactly: an interrupted run resumed with the
+    same workers ends at the uninterrupted run's weights; a different worker count is refused."""
+    stage, workers = "eve_v2/2_fullalign", "data.num_workers=2"
+    whole = Trainer.from_recipe(tiny_recipe(stage, tmp_path / "whole", workers, "max_steps=4"), progress=False)
+    whole.train()
+    part = Trainer.from_recipe(tiny_recipe(stage, tmp_path / "part", workers, "max_steps=4", "save_every=2"), progress=False)
+    part.train(stop_after=3)  # checkpoint at step 2, then one more step that the resume replays
+    resumed = Trainer.from_recipe(tiny_recipe(stage, tmp_path / "part", workers, "max_steps=4", "save_every=2"), progress=False)
+    resumed.train(resume=True)
+    assert resumed.state.step == 4
+    for name, value in whole.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], value, rtol=0, atol=0, msg=name)
+    assert whole.state.history[-1]["loss"] == pytest.approx(resumed.state.history[-1]["loss"], abs=0)
+    other = Trainer.from_recipe(tiny_recipe(stage, tmp_path / "part", "max_steps=4"), progress=False)
+    with pytest.raises(ValueError, match="num_workers=2"):
+        other.resume()

@@ -8,13 +8,16 @@ iterator state.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import replace
 from typing import Any
 
-from .batching import BatchConfig, iter_batches
+from .batching import BatchConfig, EveBatches, merge_data_stats
 from .dataset import EveDataset
 from .order import Split
 from .records import Record, RecordSource
+
+
+class EmptyTrainingData(ValueError):
+    """The training data yields no batch at all: every record was skipped, or there are none."""
 
 
 class GlobalOrderRecords(RecordSource):
@@ -41,20 +44,34 @@ class GlobalOrderRecords(RecordSource):
 
 
 class BatchStream:
-    """Batches of `dataset`, epoch after epoch; `taken` counts the batches handed out."""
+    """Batches of `dataset`, epoch after epoch; `taken` counts the batches handed out.
 
-    def __init__(self, dataset: EveDataset, config: BatchConfig) -> None:
-        self.dataset = dataset
-        self.config = config
+    The batches are built by `EveBatches`, in this process or, with `num_workers`, in DataLoader
+    workers (encoding and image decoding then overlap the training step). Either way the stream
+    replays exactly for the same seed, world size and number of workers.
+    """
+
+    def __init__(self, dataset: EveDataset, config: BatchConfig, num_workers: int = 0) -> None:
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.source = EveBatches(dataset, config)
+        self.num_workers = num_workers
         self.epoch = 0
         self.taken = 0
         self._it: Iterator[dict[str, Any]] | None = None
-        self._skipped: dict[str, int] = {}  # skip counts of finished epochs
+        self._pass: list[dict[str, Any]] = []  # data_stats of the pass in progress
+        self._skipped: dict[str, int] = {}  # skip counts of finished passes
         self._seen = 0
 
     def _start_epoch(self) -> None:
-        self.dataset.set_epoch(self.epoch)
-        self._it = iter_batches(iter(self.dataset), replace(self.config, seed=self.config.seed + self.epoch))
+        self.source.set_epoch(self.epoch)
+        if self.num_workers:
+            from torch.utils.data import DataLoader
+
+            self._it = iter(DataLoader(self.source, batch_size=None, num_workers=self.num_workers))
+        else:
+            self._it = iter(self.source)
+        self._pass = []
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         while True:
@@ -66,31 +83,27 @@ class BatchStream:
                 self._start_epoch()
             try:
                 batch = next(self._it)  # type: ignore[arg-type]
-                self.taken += 1
-                return batch
             except StopIteration:
-                self._add_epoch_stats()
+                skipped, seen = merge_data_stats(self._pass)
+                for reason, n in skipped.items():
+                    self._skipped[reason] = self._skipped.get(reason, 0) + n
+                self._seen += seen
                 self.epoch += 1
                 self._it = None
-        raise RuntimeError("the training data produced no batch (every record was skipped or the data is empty)")
-
-    def _add_epoch_stats(self) -> None:
-        stats = self.dataset.stats
-        for reason, n in stats.counts.items():
-            self._skipped[reason] = self._skipped.get(reason, 0) + n
-        self._seen += stats.total_seen
+                continue
+            stats = batch.pop("data_stats", None)
+            if stats is not None:
+                self._pass.append(stats)
+            self.taken += 1
+            return batch
+        raise EmptyTrainingData("the training data produced no batch (every record was skipped or the data is empty)")
 
     def skip_counts(self) -> tuple[dict[str, int], int]:
-        """Skipped records by reason and records read, over every epoch so far (this process).
-
-        The dataset's own stats restart with each pass; a run's report must cover all of them.
-        """
-        counts = dict(self._skipped)
-        if self._it is not None:  # the pass in progress
-            for reason, n in self.dataset.stats.counts.items():
-                counts[reason] = counts.get(reason, 0) + n
-            return counts, self._seen + self.dataset.stats.total_seen
-        return counts, self._seen
+        """Skipped records by reason and records read, over every pass so far (this process)."""
+        skipped, seen = merge_data_stats(self._pass)
+        for reason, n in self._skipped.items():
+            skipped[reason] = skipped.get(reason, 0) + n
+        return skipped, seen + self._seen
 
     def skip(self, n: int) -> None:
         """Replay n batches (exact resume: same shuffles, same packing)."""

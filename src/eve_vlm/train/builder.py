@@ -193,6 +193,7 @@ def build_batches(recipe: Recipe, processor: Any, teacher: Any, path: str, image
             group_by_length=recipe.data.group_by_length,
             seed=recipe.seed,
         ),
+        num_workers=recipe.data.num_workers,
     )
 
 
@@ -244,7 +245,7 @@ def build_training(recipe: Recipe, *, model: EveForCausalLM | None = None, proce
     model.to(device)
     model.gradient_checkpointing_enable(recipe.gradient_checkpointing)
     groups = set_trainable(model, trainable, recipe.freeze)
-    dtype = resolve_dtype({"fp32": "float32", "bf16": "bfloat16"}.get(recipe.precision, recipe.precision), device)
+    dtype = resolve_dtype(recipe.precision, device)
 
     path, image_root = training_data_path(recipe, dist)
     batches = build_batches(recipe, processor, teacher, path, image_root)

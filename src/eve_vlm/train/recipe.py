@@ -51,6 +51,9 @@ class DataSpec:
     # each (question, answer) pair of a record is its own sample about the record's image, all
     # sharing the image prefix in one row (data.DataConfig.independent_turns)
     independent_turns: bool = False
+    # DataLoader workers that read, decode, encode and batch while the model trains (0: in the
+    # training process). A resume must use the same number: it decides which records each reads.
+    num_workers: int = 0
     generated_samples: int = 256
 
 
@@ -120,6 +123,8 @@ class Recipe:
             )
         if self.teacher.kind not in ("none", "clip", "efficientnet", "random_clip"):
             raise RecipeError(f"unknown teacher kind {self.teacher.kind!r}")
+        if self.data.num_workers < 0:
+            raise RecipeError(f"data.num_workers must be >= 0, got {self.data.num_workers}")
         if self.teacher.cache_mb < 0:
             raise RecipeError(f"teacher.cache_mb must be >= 0, got {self.teacher.cache_mb}")
         if self.distributed not in ("ddp", "fsdp"):

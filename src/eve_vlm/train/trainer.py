@@ -136,6 +136,7 @@ class Trainer:
             "tokens": s.tokens,
             "max_steps": self.max_steps,
             "world_size": self.parts.dist.world,
+            "num_workers": self.parts.batches.num_workers,
             "history": s.history,
         }
 
@@ -147,6 +148,12 @@ class Trainer:
             return False
         p = self.parts
         weights, training, trainer = read_checkpoint(ckpt)
+        saved_workers = trainer.get("num_workers", 0)
+        if saved_workers != p.batches.num_workers:
+            raise ValueError(
+                f"{ckpt} was written with data.num_workers={saved_workers}; resume with the same number "
+                f"(not {p.batches.num_workers}): it decides which records each worker reads"
+            )
         result = p.model.load_state_dict(weights, strict=False)
         allowed_missing = {"lm_head.weight"} if p.model.config.tie_word_embeddings else set()
         if set(result.missing_keys) - allowed_missing or result.unexpected_keys:
