@@ -144,7 +144,7 @@ SHORT_CAPTION_TEMPLATES = ("a {color} {shape}",)
 
 # How many more steps a GPU uses in the same budget than the 2-core CPU the recipe steps are set
 # for, per stage: 720 / 1200 / 1008 steps. Stage 1 at 720 steps was measured on an H100 (shape 92%);
-# stage 2 at 1200 steps is the session-3 GPU length; stage 3's 1008 steps of ~37 questions are
+# stage 2 at 1200 steps was measured on an H100 too; stage 3's 1008 steps of ~37 questions are
 # ~37k questions, past the ~30k at which yes/no reached 96-98% (H100 and CPU, docs/quickstart.md).
 GPU_STEPS_FACTOR: dict[str, float] = {"1_prealign": 2.0, "2_pretrain": 20.0 / 3.0, "3_sft": 1008 / 900}
 

@@ -30,7 +30,7 @@ class ModelSpec:
     convert_from_llm: bool = False  # init is a plain LLM folder: convert it into a fresh EVE model
     version: str = "v2"
     tiny: bool = False  # build a tiny random model (tests / demos) when init is empty
-    vision_hidden_size: int = 1024
+    vision_hidden_size: int | None = None  # None: the released models' width (processing.presets)
     resolution: int | None = None  # v1 image_size / v2 max_size
     template: str | None = None
     init_vision_experts_from_text: bool = False  # EVEv2 stage 0 -> 1 copy, before training
