@@ -308,3 +308,19 @@ def test_held_out_conversations_score_follow_ups_and_the_first_question_after_a_
     for c in switch:
         assert c.scored == [False, True] and c.new_image[0] != c.new_image[1]
         assert c.questions[0].image_id != c.questions[1].image_id
+
+
+def test_data_written_under_a_relative_folder_names_readable_images(tmp_path, monkeypatch):
+    """`eve quickstart` writes under runs/quickstart (relative); a reader resolves relative image
+    paths against the manifest's folder, so every record must name its images absolutely."""
+    from pathlib import Path
+
+    from eve_vlm.quickstart.run import QuickstartConfig, write_data
+
+    monkeypatch.chdir(tmp_path)
+    paths = write_data(Path("runs/qs/data"), QuickstartConfig())
+    for key in ("captions", "qa", "qa_blind"):
+        for line in paths[key].read_text().splitlines()[:200]:
+            images = json.loads(line)["image"]
+            for image in images if isinstance(images, list) else [images]:
+                assert Path(image).is_absolute() and Path(image).is_file(), (key, image)

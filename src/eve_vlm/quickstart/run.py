@@ -214,7 +214,7 @@ def write_data(folder: Path, cfg: QuickstartConfig) -> dict[str, Path]:
         with paths[key].open("w") as f:
             for r in recs:
                 f.write(json.dumps(r) + "\n")
-    blank = folder / "blank.png"
+    blank = (folder / "blank.png").resolve()  # records name images absolutely: readers resolve relative paths against the manifest
     from PIL import Image
 
     Image.new("RGB", (64, 64), (255, 255, 255)).save(blank)
