@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ..constants import IMAGE_TOKEN_INDEX
+from ..runtime import resolve_device, resolve_dtype
 from ..model.config import EveConfig
 from ..model.eve import EveForCausalLM
 from ..processing.images import EveImageConfig, num_image_tokens_for_size, pixel_size
@@ -530,12 +531,8 @@ def measure_latency(
         return {
             "skipped": f"{total / 1e9:.2f} B parameters exceed the latency limit of {max_params / 1e9:.2f} B"
         }
-    dev = (
-        torch.device(device)
-        if device is not None
-        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    )
-    dt = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dt)  # initialise in the final dtype: no fp32 copy of a large model
