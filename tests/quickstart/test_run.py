@@ -48,7 +48,7 @@ def test_reduced_quickstart(tmp_path, all_cores):
     for stage in STAGES:  # each stage ran exactly its steps
         assert json.loads((out / stage / "summary.json").read_text())["steps"] == recipe_steps[stage]
     assert saved["questions_per_sample"] == 16 and saved["stage3_turns"] == "independent"
-    assert saved["patch_activation"] == "gelu" and saved["dialogue_fraction"] == 0.2
+    assert saved["patch_activation"] == "gelu" and saved["dialogue_fraction"] == 0.25
     # Multi-turn: 40 follow-up conversations (questions 2 and 3 scored) and 40 image switches.
     mt = saved["multiturn"]
     assert mt["count"] == 40 * 2 + 40 and set(mt["by_kind"]) == {"follow_up", "image_switch"}
@@ -130,11 +130,11 @@ def test_a_gpu_fits_more_steps_into_the_same_budget(monkeypatch):
     cfg = QuickstartConfig()  # no steps_scale: from the budget and the device
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cpu = {s: stage_recipe(s, cfg, []).max_steps for s in STAGES}
-    assert cpu == {"1_prealign": 360, "2_pretrain": 180, "3_sft": 900}
+    assert cpu == {"1_prealign": 360, "2_pretrain": 180, "3_sft": 1200}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     gpu = {s: stage_recipe(s, cfg, []).max_steps for s in STAGES}
     assert gpu == {s: round(cpu[s] * GPU_STEPS_FACTOR[s]) for s in STAGES}
-    assert gpu == {"1_prealign": 720, "2_pretrain": 1200, "3_sft": 1008}
+    assert gpu == {"1_prealign": 720, "2_pretrain": 1200, "3_sft": 1344}
     assert blind_model_steps(cfg) == 100  # the blind model has nothing more to learn on a GPU
     assert blind_model_steps(QuickstartConfig(steps_scale=0.5)) == 50
     with pytest.raises(ValueError, match="blind_steps"):
@@ -263,7 +263,7 @@ def test_stage3_length_follows_the_running_replan_until_its_decay(tmp_path):
 
 
 def test_stage3_mixes_in_dialogues_about_one_image_and_across_an_image_switch(tmp_path):
-    """The default adds one dialogue record for a fifth of the images: half follow-up questions about
+    """The default adds one dialogue record for a quarter of the images: half follow-up questions about
     one image, half a switch to a second image; each trains as one dialogue, its placeholders
     where the images arrive; the blind data blanks every image of a record."""
     from eve_vlm.data import record_from_dict
@@ -324,3 +324,21 @@ def test_data_written_under_a_relative_folder_names_readable_images(tmp_path, mo
             images = json.loads(line)["image"]
             for image in images if isinstance(images, list) else [images]:
                 assert Path(image).is_absolute() and Path(image).is_file(), (key, image)
+
+
+def test_dialogue_questions_never_follow_from_earlier_answers():
+    """One yes/no question, first; then colour and shape questions (whose answers the yes/no one
+    cannot give away beyond a single attribute)."""
+    import random
+
+    from eve_vlm.quickstart.conversations import leak_free_questions
+    from eve_vlm.quickstart.easy_vqa_data import EasyVQAQuestion
+
+    qs = [EasyVQAQuestion(f"q{i}", a, 0, t) for i, (a, t) in enumerate(
+        [("yes", "yes_no"), ("no", "yes_no"), ("red", "color"), ("circle", "shape"), ("no", "yes_no")])]
+    for seed in range(20):
+        picked = leak_free_questions(qs, 3, random.Random(seed))
+        assert [q.question_type for q in picked][0] == "yes_no"
+        assert sorted(q.question_type for q in picked[1:]) == ["color", "shape"]
+    only_yes_no = [q for q in qs if q.question_type == "yes_no"]
+    assert len(leak_free_questions(only_yes_no, 3, random.Random(0))) == 3

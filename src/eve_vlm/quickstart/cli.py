@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--variant", choices=["v1", "v2"], default="v1", help="EVE architecture to train")
     p.add_argument(
         "--budget-minutes", type=float, default=15.0,
-        help="scales the training steps (15 -> the recipe steps on a CPU; on a GPU 720 / 1200 / 1008 steps for stages 1 / 2 / 3)",
+        help="scales the training steps (15 -> the recipe steps on a CPU; on a GPU 720 / 1200 / 1344 steps for stages 1 / 2 / 3)",
     )
     p.add_argument(
         "--fixed-steps", action="store_true",
@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "or as one dialogue (later turns can read earlier answers)",
     )
     p.add_argument(
-        "--dialogue-fraction", type=float, default=0.2,
+        "--dialogue-fraction", type=float, default=0.25,
         help="fraction of training images that also get a multi-turn dialogue in stage 3 "
         "(follow-up questions, or a switch to a second image), so that chat works",
     )

@@ -30,11 +30,27 @@ def _turn(question: EasyVQAQuestion, with_image: bool) -> list[dict[str, str]]:
     return [{"from": "human", "value": text}, {"from": "gpt", "value": question.answer}]
 
 
+def leak_free_questions(questions: list[EasyVQAQuestion], n: int, rng: random.Random) -> list[EasyVQAQuestion]:
+    """`n` questions about one image, ordered so that no answer can be read off earlier answers:
+    one yes/no question first (after "what colour? red", "is there a red shape?" needs no image),
+    then colour and shape questions; further yes/no ones only when those run out.
+
+    Why: a dialogue whose answers follow from its text teaches the model to answer from the text
+    instead of the image, which costs yes/no accuracy on single questions and in chats.
+    """
+    yes_no = [q for q in questions if q.question_type == "yes_no"]
+    what = [q for q in questions if q.question_type != "yes_no"]
+    rng.shuffle(yes_no)
+    rng.shuffle(what)
+    first = yes_no[:1]
+    return (first + what + yes_no[1:])[:n]
+
+
 def dialogue_records(split: EasyVQASplit, fraction: float, seed: int) -> list[dict[str, Any]]:
     """Dialogue records for `fraction` of the images: half of them a conversation of
     `SAME_IMAGE_TURNS` questions about one image, half one that switches to a second image after
-    `SWITCH_TURNS[0]` questions. Each record is trained as one dialogue (`independent_turns`
-    false), so later answers see the earlier turns."""
+    `SWITCH_TURNS[0]` questions, their questions in `leak_free_questions` order. Each record is
+    trained as one dialogue (`independent_turns` false), so later answers see the earlier turns."""
     rng = random.Random(seed * 7919 + 17)
     by_image: dict[int, list[EasyVQAQuestion]] = defaultdict(list)
     for q in split.questions:
@@ -45,15 +61,15 @@ def dialogue_records(split: EasyVQASplit, fraction: float, seed: int) -> list[di
     records = []
     for k, image_id in enumerate(chosen):
         if k % 2 == 0:
-            qs = rng.sample(by_image[image_id], SAME_IMAGE_TURNS)
+            qs = leak_free_questions(by_image[image_id], SAME_IMAGE_TURNS, rng)
             turns = [t for j, q in enumerate(qs) for t in _turn(q, j == 0)]
             images = [str(split.image_paths[image_id])]
         else:
             other = rng.choice(ids)
             while other == image_id:
                 other = rng.choice(ids)
-            first = rng.sample(by_image[image_id], SWITCH_TURNS[0])
-            second = rng.sample(by_image[other], SWITCH_TURNS[1])
+            first = leak_free_questions(by_image[image_id], SWITCH_TURNS[0], rng)
+            second = leak_free_questions(by_image[other], SWITCH_TURNS[1], rng)
             turns = [t for j, q in enumerate(first) for t in _turn(q, j == 0)]
             turns += [t for j, q in enumerate(second) for t in _turn(q, j == 0)]
             images = [str(split.image_paths[image_id]), str(split.image_paths[other])]

@@ -67,7 +67,7 @@ class QuickstartConfig:
     # Fraction of the training images that also get one multi-turn dialogue record in stage 3 (half
     # follow-up questions about one image, half a switch to a second image), so that `eve chat`
     # answers follow-ups and follows `/image` (quickstart/conversations.py). 0: none.
-    dialogue_fraction: float = 0.2
+    dialogue_fraction: float = 0.25
     # Held-out conversations of each kind scored for the multi-turn accuracy (0: skip it).
     multiturn_conversations: int = 200
     blind: bool = True
@@ -143,10 +143,10 @@ def stage_recipe(stage: str, cfg: QuickstartConfig, overrides: list[str]) -> Rec
 SHORT_CAPTION_TEMPLATES = ("a {color} {shape}",)
 
 # How many more steps a GPU uses in the same budget than the 2-core CPU the recipe steps are set
-# for, per stage: 720 / 1200 / 1008 steps. Stage 1 at 720 steps was measured on an H100 (shape 92%);
-# stage 2 at 1200 steps was measured on an H100 too; stage 3's 1008 steps of ~37 questions are
-# ~37k questions, past the ~30k at which yes/no reached 96-98% (H100 and CPU, docs/quickstart.md).
-GPU_STEPS_FACTOR: dict[str, float] = {"1_prealign": 2.0, "2_pretrain": 20.0 / 3.0, "3_sft": 1008 / 900}
+# for, per stage: 720 / 1200 / 1344 steps. Stage 1 at 720 steps was measured on an H100 (shape 92%);
+# stage 2 at 1200 steps was measured on an H100 too; stage 3's 1344 steps of ~33 questions are
+# ~44k questions, past the ~30k at which yes/no reached 96-98% (H100 and CPU, docs/quickstart.md).
+GPU_STEPS_FACTOR: dict[str, float] = {"1_prealign": 2.0, "2_pretrain": 20.0 / 3.0, "3_sft": 1344 / 1200}
 
 
 def default_steps_scale(budget_minutes: float, stage: str, cuda: bool | None = None) -> float:
