@@ -18,7 +18,7 @@ PANELS = [
     (["cpu_four_question_recipe_half_steps_seed0.json"], "4 questions a sample,\n2-core CPU, half the steps"),
     (["cpu_single_question_recipe_half_steps_seed0.json"], "1 question a sample, 45/180/195 steps,\n2-core CPU, half the steps"),
     ([f"h100_long_stage1_recipe_seed{s}.json" for s in range(2)], "long stage 1 + GELU, 360/180/150 steps,\nH100 at CPU steps, seeds 0-1"),
-    (["cpu_900_step_recipe_seed0.json"], "360/180/900 steps (the quickstart recipe),\n2-core CPU, seed 0"),
+    (["cpu_900_step_recipe_seed0.json"], "360/180/900 steps (the quickstart's stages,\nno dialogues), 2-core CPU, seed 0"),
 ]
 
 fig, axes = plt.subplots(1, len(PANELS), figsize=(4.5 * len(PANELS), 3.8), sharey=True)
