@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .attention import PackedLayout, QueryPositions, resolve_backend
 from .config import ConfigError, EveConfig
 
 
@@ -179,6 +180,17 @@ class Attention(nn.Module):
         k = apply_rope(k, ctx.cos, ctx.sin)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer_index, k, v)
+        if ctx.layout is not None:  # packed rows: per-document attention, no dense mask
+            cos, sin = ctx.cos, ctx.sin
+            queries = None
+            if rows is not None:
+                q, cos, sin = rows.gather(q), rows.gather(cos), rows.gather(sin)
+                queries = QueryPositions(rows.index, rows.valid)
+            lq = q.shape[1]
+            q = apply_rope(q.view(b, lq, self.num_heads, self.head_dim).transpose(1, 2), cos, sin)
+            out = ctx.layout.attend(q, k, v, queries)
+            out = out.transpose(1, 2).reshape(b, lq, self.num_heads * self.head_dim)
+            return out if rows is None else out[rows.valid]
         cos, sin, mask, is_causal = ctx.cos, ctx.sin, ctx.attn_mask, ctx.is_causal
         if rows is not None:
             q, cos, sin = rows.gather(q), rows.gather(cos), rows.gather(sin)
@@ -284,6 +296,7 @@ class ForwardContext:
     route: TokenRoute | None
     cache: KVCache | None
     kept_route: TokenRoute | None = None  # the route of the kept positions (see `run_layers`' keep)
+    layout: PackedLayout | None = None  # packed rows: where each document lies (then no attn_mask)
 
 
 class KVCache:
@@ -395,6 +408,8 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
         self.gradient_checkpointing = False
+        # How packed rows attend (`attention.py`): auto = flex on CUDA, one SDPA per document on CPU.
+        self.packed_attention = "auto"
 
     def run_layers(
         self,
@@ -421,11 +436,17 @@ class Decoder(nn.Module):
         if keep is not None and n_layers in collect:
             raise ValueError("the final hidden states cannot be both collected in full and kept in part")
         past_valid = None if cache is None else cache.valid
-        attn_mask, is_causal = build_attention_mask(query_valid, past_valid, segment_ids, branch_ids)
+        layout = None
+        if segment_ids is not None and cache is None:
+            backend = resolve_backend(self.packed_attention, embeds.device)
+            layout = PackedLayout.from_segments(segment_ids, query_valid, branch_ids, backend)
+            attn_mask, is_causal = None, False
+        else:
+            attn_mask, is_causal = build_attention_mask(query_valid, past_valid, segment_ids, branch_ids)
         cos, sin = self.rotary_emb(positions, embeds.dtype)
         if cache is not None:
             cache.begin(query_valid)
-        ctx = ForwardContext(cos, sin, attn_mask, is_causal, TokenRoute.from_mask(visual_mask), cache)
+        ctx = ForwardContext(cos, sin, attn_mask, is_causal, TokenRoute.from_mask(visual_mask), cache, layout=layout)
         if keep is not None and visual_mask is not None:
             ctx.kept_route = TokenRoute.from_mask(visual_mask[keep][None])
         kept: dict[int, Tensor] = {}
