@@ -1,7 +1,8 @@
-"""The FastAPI app: OpenAI-compatible chat completions, model list, health, and the web demo."""
+"""The FastAPI app: OpenAI-compatible chat completions, model list, health, metrics, and the web demo."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -13,14 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.staticfiles import StaticFiles
 
 from .batcher import Batcher, QueueFullError, Ticket
 from .inputs import RequestError, ServerLimits, build_request
-from .schemas import ChatCompletionRequest
+from .metrics import ServeMetrics
+from .scheduler import ContinuousScheduler
+from .schemas import UNSUPPORTED_FIELDS, ChatCompletionRequest
 
 logger = logging.getLogger(__name__)
 
@@ -32,17 +35,57 @@ class ServerSettings:
     model_name: str = "eve"
     limits: ServerLimits = field(default_factory=ServerLimits)
     max_batch_size: int = 8
-    batch_wait_ms: float = 5.0
+    batch_wait_ms: float = 5.0  # the dynamic scheduler's gathering window
     max_queue: int = 256
+    scheduler: str = "continuous"  # "continuous" (per-step) or "dynamic" (per-batch)
+    kv_capacity: int = 2048  # continuous: tokens per KV slot (prompt, images and answer)
+    prefill_chunk: int = 512  # continuous: prompts longer than this prefill in chunks
+    request_timeout_s: float | None = 600.0
+    retry_after_s: int = 1  # the Retry-After of a 503 when the queue is full
+
+    def __post_init__(self) -> None:
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {sorted(SCHEDULERS)}, got {self.scheduler!r}")
+
+
+SCHEDULERS = ("continuous", "dynamic")
+
+
+def make_scheduler(model: Any, processor: Any, settings: ServerSettings) -> Batcher | ContinuousScheduler:
+    """The request scheduler `settings.scheduler` names."""
+    if settings.scheduler == "dynamic":
+        return Batcher(
+            model,
+            processor,
+            max_batch_size=settings.max_batch_size,
+            max_wait_ms=settings.batch_wait_ms,
+            max_queue=settings.max_queue,
+        )
+    return ContinuousScheduler(
+        model,
+        processor,
+        max_batch_size=settings.max_batch_size,
+        max_queue=settings.max_queue,
+        kv_capacity=settings.kv_capacity,
+        prefill_chunk=settings.prefill_chunk,
+        request_timeout_s=settings.request_timeout_s,
+    )
 
 
 def error_response(
-    message: str, param: str | None = None, status: int = 400, kind: str | None = None
+    message: str,
+    param: str | None = None,
+    status: int = 400,
+    kind: str | None = None,
+    code: str | int | None = None,
+    headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
     kind = kind or ("invalid_request_error" if status < 500 else "server_error")
     return JSONResponse(
-        {"error": {"message": message, "type": kind, "param": param, "code": status}}, status_code=status
+        {"error": {"message": message, "type": kind, "param": param, "code": code if code is not None else status}},
+        status_code=status,
+        headers=headers,
     )
 
 
@@ -83,15 +126,13 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 def create_app(model: Any, processor: Any, settings: ServerSettings | None = None) -> FastAPI:
-    """An app serving `model` with dynamic batching (the batcher thread starts with the app)."""
+    """An app serving `model` with the scheduler `settings` names (its thread starts with the app)."""
     settings = settings or ServerSettings()
-    batcher = Batcher(
-        model,
-        processor,
-        max_batch_size=settings.max_batch_size,
-        max_wait_ms=settings.batch_wait_ms,
-        max_queue=settings.max_queue,
-    )
+    batcher = make_scheduler(model, processor, settings)
+    metrics = ServeMetrics()
+    metrics.queue_depth.set_function(lambda: batcher.queue_size)
+    if isinstance(batcher, ContinuousScheduler):
+        metrics.running.set_function(lambda: batcher.running)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -102,6 +143,7 @@ def create_app(model: Any, processor: Any, settings: ServerSettings | None = Non
     app = FastAPI(title="eve-vlm", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.batcher = batcher
     app.state.settings = settings
+    app.state.metrics = metrics
     created = int(time.time())
 
     @app.get("/health")
@@ -113,6 +155,10 @@ def create_app(model: Any, processor: Any, settings: ServerSettings | None = Non
         card = {"id": settings.model_name, "object": "model", "created": created, "owned_by": "eve-vlm"}
         return {"object": "list", "data": [card]}
 
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
+
     @app.get("/")
     async def index() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
@@ -121,6 +167,7 @@ def create_app(model: Any, processor: Any, settings: ServerSettings | None = Non
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        arrived = time.perf_counter()
         try:
             body = await _read_body(request, settings.limits.max_body_bytes)
             try:
@@ -129,39 +176,108 @@ def create_app(model: Any, processor: Any, settings: ServerSettings | None = Non
                 raise RequestError(f"request body is not valid JSON: {exc}", "body") from exc
             if not isinstance(payload, dict):
                 raise RequestError("request body must be a JSON object", "body")
+            for name in UNSUPPORTED_FIELDS:
+                if payload.get(name) not in (None, False, [], {}):
+                    raise RequestError(f"{name} is not supported by this server", name)
             try:
                 req = ChatCompletionRequest.model_validate(payload)
             except ValidationError as exc:
+                metrics.requests.labels("invalid").inc()
                 return _validation_error(exc)
+            if req.model is not None and req.model != settings.model_name:
+                metrics.requests.labels("invalid").inc()
+                return error_response(
+                    f"The model `{req.model}` does not exist; this server serves `{settings.model_name}`",
+                    "model",
+                    404,
+                    code="model_not_found",
+                )
             gen = await run_in_threadpool(build_request, req, processor, settings.limits)
-            ticket = batcher.submit(gen)
+            try:
+                ticket = batcher.submit(gen)
+            except ValueError as exc:  # too long for a KV slot
+                raise RequestError(str(exc), "max_tokens") from exc
         except RequestError as exc:
+            metrics.requests.labels("invalid").inc()
             return error_response(exc.message, exc.param, exc.status)
         except QueueFullError as exc:
-            return error_response(str(exc), None, 503, "server_busy")
+            metrics.requests.labels("rejected").inc()
+            return error_response(
+                f"server busy: {exc}; retry later",
+                None,
+                503,
+                "server_busy",
+                headers={"Retry-After": str(settings.retry_after_s)},
+            )
+        metrics.prompt_tokens.inc(gen.prompt_tokens)
+        watch = _Watch(metrics, arrived)
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         if req.stream:
             return StreamingResponse(
-                _sse(ticket, completion_id, settings.model_name),
+                _sse(ticket, completion_id, settings.model_name, watch),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        return await _complete(ticket, completion_id, settings.model_name)
+        return await _complete(ticket, completion_id, settings.model_name, watch, request)
 
     return app
 
 
-async def _complete(ticket: Ticket, completion_id: str, model_name: str) -> JSONResponse:
+class _Watch:
+    """Per-request latency metrics from the events the client receives."""
+
+    def __init__(self, metrics: ServeMetrics, arrived: float) -> None:
+        self.metrics, self.arrived, self.last = metrics, arrived, None
+
+    def see(self, event: Any) -> None:
+        now = time.perf_counter()
+        if event.kind == "delta":
+            if self.last is None:
+                self.metrics.ttft.observe(now - self.arrived)
+            else:
+                self.metrics.itl.observe(now - self.last)
+            self.last = now
+        elif event.kind == "done":
+            if self.last is None:
+                self.metrics.ttft.observe(now - self.arrived)
+            self.metrics.e2e.observe(now - self.arrived)
+            self.metrics.generation_tokens.inc(event.completion_tokens)
+            self.metrics.requests.labels("finished").inc()
+        else:
+            self.metrics.requests.labels("timeout" if event.status == 504 else "error").inc()
+
+    def cancelled(self) -> None:
+        self.metrics.requests.labels("cancelled").inc()
+
+
+async def _cancel_on_disconnect(request: Request, ticket: Ticket) -> None:
+    """A non-streaming client that goes away frees its row at the next step."""
+    while not ticket.cancelled:
+        if await request.is_disconnected():
+            ticket.cancel()
+            return
+        await asyncio.sleep(0.25)
+
+
+async def _complete(
+    ticket: Ticket, completion_id: str, model_name: str, watch: _Watch, request: Request
+) -> JSONResponse:
     pieces: list[str] = []
+    final = None
+    guard = asyncio.create_task(_cancel_on_disconnect(request, ticket))
     try:
         async for event in ticket.events():
+            watch.see(event)
             if event.kind == "delta":
                 pieces.append(event.text)
             elif event.kind == "error":
-                return error_response(event.text, None, 500)
+                return error_response(event.text, None, event.status)
             else:
                 final = event
     finally:
+        guard.cancel()
+        if ticket.cancelled and final is None:
+            watch.cancelled()
         ticket.cancel()  # no-op when done; stops the row if the client went away
     return JSONResponse(
         {
@@ -189,7 +305,7 @@ def _usage(event: Any) -> dict[str, int]:
     }
 
 
-async def _sse(ticket: Ticket, completion_id: str, model_name: str) -> AsyncIterator[str]:
+async def _sse(ticket: Ticket, completion_id: str, model_name: str, watch: _Watch) -> AsyncIterator[str]:
     """OpenAI `chat.completion.chunk` events, then `data: [DONE]`."""
     created = int(time.time())
 
@@ -204,16 +320,22 @@ async def _sse(ticket: Ticket, completion_id: str, model_name: str) -> AsyncIter
         }
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
+    ended = False
     try:
         yield chunk({"role": "assistant", "content": ""})
         async for event in ticket.events():
+            watch.see(event)
             if event.kind == "delta":
                 yield chunk({"content": event.text})
             elif event.kind == "error":
-                err = {"error": {"message": event.text, "type": "server_error", "param": None, "code": 500}}
+                ended = True
+                err = {"error": {"message": event.text, "type": "server_error", "param": None, "code": event.status}}
                 yield f"data: {json.dumps(err)}\n\n"
             else:
+                ended = True
                 yield chunk({}, event.finish_reason, usage=_usage(event))
         yield "data: [DONE]\n\n"
     finally:
+        if not ended:
+            watch.cancelled()
         ticket.cancel()

@@ -61,6 +61,7 @@ class Event:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    status: int = 500  # the HTTP status of an "error" event
 
 
 @dataclass

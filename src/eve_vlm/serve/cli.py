@@ -13,16 +13,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "serve",
         help="OpenAI-compatible HTTP server with a web demo at /",
         description="Serve a checkpoint over an OpenAI-compatible HTTP API (/v1/chat/completions) "
-        "with dynamic batching of concurrent requests, and a web demo at /.",
+        "with continuous batching of concurrent requests, Prometheus metrics at /metrics, and a web demo at /.",
     )
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=port_number, default=8000, help="TCP port to listen on")
-    p.add_argument("--name", default=None, help="model id reported by /v1/models (default: the folder name)")
-    p.add_argument("--max-batch-size", type=positive_int, default=8, help="requests decoded together")
     p.add_argument(
-        "--batch-wait-ms", type=non_negative_float, default=5.0, help="how long to gather concurrent requests into a batch"
+        "--served-model-name",
+        "--name",
+        dest="name",
+        default=None,
+        help="model id in /v1/models, which requests must name (default: the model's name; a generic "
+        "folder such as final/ or checkpoint-N takes its parent's name)",
     )
+    p.add_argument(
+        "--scheduler",
+        choices=("continuous", "dynamic"),
+        default="continuous",
+        help="continuous: rows join and leave at every decoding step; dynamic: batches run to the end",
+    )
+    p.add_argument("--max-batch-size", type=positive_int, default=8, help="requests decoded together")
+    p.add_argument("--max-queue", type=positive_int, default=256, help="waiting requests; more get 503")
+    p.add_argument(
+        "--batch-wait-ms", type=non_negative_float, default=5.0, help="dynamic: how long to gather concurrent requests into a batch"
+    )
+    p.add_argument(
+        "--kv-capacity", type=positive_int, default=2048, help="continuous: KV-cache tokens per row (prompt + answer)"
+    )
+    p.add_argument(
+        "--prefill-chunk", type=positive_int, default=512, help="continuous: longer prompts prefill in chunks of this many tokens"
+    )
+    p.add_argument("--request-timeout", type=positive_float, default=600.0, help="seconds a request may take in all")
     p.add_argument(
         "--allow-remote-images", action="store_true", help="let the server fetch http(s) image URLs"
     )
@@ -68,6 +89,11 @@ def run(args: argparse.Namespace) -> int:
         limits=limits,
         max_batch_size=args.max_batch_size,
         batch_wait_ms=args.batch_wait_ms,
+        max_queue=args.max_queue,
+        scheduler=args.scheduler,
+        kv_capacity=args.kv_capacity,
+        prefill_chunk=args.prefill_chunk,
+        request_timeout_s=args.request_timeout,
     )
     serve(args.model, host=args.host, port=args.port, settings=settings, device=device, dtype=dtype)
     return 0

@@ -110,6 +110,25 @@ def _download(url: str, param: str, limits: ServerLimits) -> bytes:
         raise RequestError(f"cannot fetch the image: {exc}", param) from exc
 
 
+def _check_image(data: bytes, param: str, limits: ServerLimits) -> None:
+    """Name an image problem in the client's terms (PIL's own wording leaks internals)."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise RequestError(f"not a decodable image ({len(data)} bytes)", param) from exc
+    if width * height > limits.max_image_pixels:
+        raise RequestError(
+            f"image is {width}x{height} = {width * height} pixels, which exceeds --max-image-pixels "
+            f"{limits.max_image_pixels}",
+            param,
+        )
+
+
 def _sampling(req: ChatCompletionRequest, limits: ServerLimits) -> GenerationConfig:
     """The request's generation settings; temperature absent or 0 means greedy."""
     max_new = (
@@ -180,11 +199,12 @@ def build_request(req: ChatCompletionRequest, processor: Any, limits: ServerLimi
         data = fetch_image_bytes(url, param, limits)
         if len(data) > limits.max_image_bytes:
             raise RequestError(f"image is larger than {limits.max_image_bytes} bytes", param, 413)
+        _check_image(data, param, limits)
         try:
             image = load_image(data, max_pixels=limits.max_image_pixels)
             pixels.append(processor.image_processor([image])[0])
         except ImageError as exc:
-            raise RequestError(str(exc), param) from exc
+            raise RequestError(f"not a decodable image ({len(data)} bytes)", param) from exc
     try:
         ids = processor.encode_prompt(messages, num_images=len(pixels))
     except ValueError as exc:  # ConversationError: roles out of order, misplaced system message...

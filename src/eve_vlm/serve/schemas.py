@@ -32,12 +32,36 @@ class ImagePart(_Lenient):
         return {"url": value} if isinstance(value, str) else value  # some clients send the bare URL
 
 
+# OpenAI request fields this server does not implement: a request that sets one gets a 400 naming it
+# rather than an answer that silently ignores it.
+UNSUPPORTED_FIELDS = (
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "parallel_tool_calls",
+    "response_format",
+    "logprobs",
+    "top_logprobs",
+    "logit_bias",
+    "audio",
+    "modalities",
+    "prediction",
+)
+
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
 class ChatMessage(_Lenient):
     role: Literal["system", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
+    content: str | list[ContentPart]
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _not_null(cls, value: object) -> object:
+        if value is None:
+            raise ValueError("content must be a string or a list of content parts, not null")
+        return value
 
 
 class ChatCompletionRequest(_Lenient):

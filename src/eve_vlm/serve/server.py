@@ -71,6 +71,18 @@ def check_port_free(host: str, port: int) -> None:
             raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
 
 
+GENERIC_FOLDERS = ("final", "latest", "best", "model", "checkpoint", "last")
+
+
+def default_model_name(model_path: str | Path) -> str:
+    """The id `/v1/models` reports: the model folder's name, or its parent's for a generic folder
+    (`runs/quickstart/final` -> `quickstart`), since `final` names no model."""
+    path = Path(model_path).resolve()
+    name = path.name
+    generic = name.lower() in GENERIC_FOLDERS or name.lower().startswith(("checkpoint-", "step-", "step_"))
+    return path.parent.name if generic and path.parent.name else name
+
+
 def serve(
     model_path: str | Path,
     *,
@@ -86,17 +98,18 @@ def serve(
     model, processor = load_for_inference(model_path, device, dtype)
     settings = settings or ServerSettings()
     if settings.model_name == "eve":
-        settings.model_name = Path(model_path).resolve().name
+        settings.model_name = default_model_name(model_path)
     if host not in LOCAL_HOSTS and settings.limits.allow_file_images:
         logger.warning(
             "file: image URLs are enabled on a server reachable from %s: clients can read local files", host
         )
     app = create_app(model, processor, settings)
     logger.info(
-        "serving %s on http://%s:%d (batch size up to %d)",
+        "serving %s on http://%s:%d (%s scheduler, batch size up to %d)",
         settings.model_name,
         host,
         port,
+        settings.scheduler,
         settings.max_batch_size,
     )
     uvicorn.run(app, host=host, port=port, log_level="info")
