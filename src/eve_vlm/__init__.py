@@ -18,6 +18,41 @@ _LAZY = {
 }
 
 
+def _register_auto_classes() -> None:
+    """Make `AutoConfig`, `AutoModelForCausalLM`, `AutoModelForImageTextToText` and
+    `AutoProcessor` resolve our `model_type` ("eve_vlm") and the released ones ("eve",
+    "eve-qwen2"), which `EveConfig.from_dict` reads into the same class."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
+
+    from .model.config import OFFICIAL_MODEL_TYPES, OUR_MODEL_TYPE
+
+    AutoConfig.register(OUR_MODEL_TYPE, EveConfig, exist_ok=True)
+    for official in OFFICIAL_MODEL_TYPES:
+        alias = type(f"EveConfig_{official.replace('-', '_')}", (EveConfig,), {"model_type": official})
+        AutoConfig.register(official, alias, exist_ok=True)
+    AutoModelForCausalLM.register(EveConfig, EveForCausalLM, exist_ok=True)
+    AutoModelForImageTextToText.register(EveConfig, EveForCausalLM, exist_ok=True)
+
+    def processor_class() -> Any:
+        return importlib.import_module("eve_vlm.processing.processor").EveProcessor
+
+    AutoProcessor.register(EveConfig, _LazyProcessor(processor_class), exist_ok=True)
+
+
+class _LazyProcessor:
+    """`AutoProcessor`'s entry for EVE models: imports the processor (and tokenizers) only when used."""
+
+    def __init__(self, resolve: Any) -> None:
+        self._resolve = resolve
+        self.__name__ = "EveProcessor"
+
+    def from_pretrained(self, path: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._resolve().from_pretrained(path, *args, **kwargs)
+
+
+_register_auto_classes()
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -51,6 +52,83 @@ def read_state_dict(folder: str | Path) -> dict[str, Tensor]:
             out.update(torch.load(f, map_location="cpu", weights_only=True))
         return out
     raise CheckpointError(f"no model weights (model.safetensors, shards or pytorch_model*.bin) in {folder}")
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    if index.is_file():
+        return [folder / s for s in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return []
+
+
+def _header_shapes_and_dtypes(folder: Path, keys: set[str] | None = None) -> dict[str, tuple[list[int], str]]:
+    """Shapes and dtypes of stored tensors from the safetensors headers (no tensor is read)."""
+    out: dict[str, tuple[list[int], str]] = {}
+    for f in _weight_files(folder):
+        with safe_open(str(f), framework="pt") as handle:
+            for k in handle.keys():
+                if keys is None or k in keys:
+                    sl = handle.get_slice(k)
+                    out[k] = (list(sl.get_shape()), str(sl.get_dtype()))
+    return out
+
+
+def stored_dtype(folder: str | Path) -> torch.dtype:
+    """The floating dtype of a checkpoint's weights, fp16 promoted to fp32 (see `_dtype_of`)."""
+    folder = Path(folder)
+    names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+    files = _weight_files(folder)
+    if not files:
+        return _dtype_of(read_state_dict(folder))  # legacy .bin: read it (small, old checkpoints)
+    with safe_open(str(files[0]), framework="pt") as handle:
+        for k in handle.keys():
+            dt = names.get(str(handle.get_slice(k).get_dtype()))
+            if dt is not None:
+                return torch.float32 if dt == torch.float16 else dt
+    return torch.float32
+
+
+def official_geometry(folder: str | Path, config: EveConfig) -> None:
+    """Set the patch geometry of a released checkpoint's config (not stored in its config.json)
+    from the weight shapes in the safetensors headers and preprocessor_config.json."""
+    folder = Path(folder)
+    raw = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    if raw.get("model_type") == "eve_vlm":
+        return
+    keys = {"model.vision_tower.patch_embedding.weight", "model.vision_tower.patch_embedding.0.weight",
+            "model.vision_tower.patch_embedding.2.weight"}
+    headers = _header_shapes_and_dtypes(folder, keys) if _weight_files(folder) else {
+        k: (list(v.shape), "") for k, v in read_state_dict(folder).items() if k in keys}
+    state = {k: torch.empty(shape, device="meta") for k, (shape, _) in headers.items()}
+    _official_strides(folder, config, state)
+
+
+def stored_keys_with_prefix(folder: str | Path, prefixes: tuple[str, ...]) -> list[str]:
+    """Names of the stored tensors that start with one of `prefixes` (from the headers only)."""
+    folder = Path(folder)
+    if not _weight_files(folder):
+        return [k for k in read_state_dict(folder) if k.startswith(prefixes)]
+    out: list[str] = []
+    for f in _weight_files(folder):
+        with safe_open(str(f), framework="pt") as handle:
+            out.extend(k for k in handle.keys() if k.startswith(prefixes))
+    return out
+
+
+def read_aligning_weights(folder: str | Path) -> dict[str, Tensor] | None:
+    """A stored v1 patch aligning layer, to continue training it (None when absent)."""
+    folder = Path(folder)
+    out: dict[str, Tensor] = {}
+    for f in _weight_files(folder):
+        with safe_open(str(f), framework="pt") as handle:
+            for k in handle.keys():
+                if k.startswith(ALIGNING_LAYER_PREFIX):
+                    out[k] = handle.get_tensor(k)
+    if not _weight_files(folder):
+        out = {k: v for k, v in read_state_dict(folder).items() if k.startswith(ALIGNING_LAYER_PREFIX)}
+    return out if f"{ALIGNING_LAYER_PREFIX}input_layer.weight" in out else None
 
 
 def _official_strides(folder: Path, config: EveConfig, state: dict[str, Tensor]) -> None:

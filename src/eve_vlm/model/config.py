@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
+
+from transformers import PretrainedConfig
 
 Version = Literal["v1", "v2"]
 Family = Literal["llama", "qwen2"]
@@ -26,9 +28,22 @@ class ConfigError(ValueError):
 PATCH_ACTIVATIONS = ("none", "gelu")  # v1 patch conv: linear (official) or bias + GELU (ours)
 
 
-@dataclass
-class EveConfig:
-    """Everything needed to build an `EveForCausalLM` (no weights, no processor)."""
+# Keys Hugging Face writes into every config.json next to a model's own fields.
+_HF_KEYS = frozenset({"model_type", "transformers_version", "architectures", "torch_dtype", "_name_or_path", "auto_map",
+                      "use_cache", "output_attentions", "num_labels"})
+
+
+_NOT_COMPARED = frozenset({"transformers_version", "dtype", "architectures"})
+
+
+class EveConfig(PretrainedConfig):
+    """Everything needed to build an `EveForCausalLM` (no weights, no processor).
+
+    A `transformers` config (itself a dataclass), so `AutoConfig`, `from_pretrained` and the
+    `Trainer` / PEFT machinery accept it; `from_dict` also reads the released EVE configs.
+    """
+
+    model_type: ClassVar[str] = OUR_MODEL_TYPE
 
     version: Version = "v2"
     family: Family = "qwen2"
@@ -41,7 +56,7 @@ class EveConfig:
     num_key_value_heads: int = 4
     head_dim: int | None = None
     rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
+    rope_theta: float | int = 10000.0
     rope_scaling: dict[str, Any] | None = None
     attention_bias: bool = False  # q/k/v bias (Qwen2: True); o_proj never has a bias
     mlp_bias: bool = False
@@ -69,7 +84,8 @@ class EveConfig:
     # Official fields we do not use but keep so a converted config round-trips.
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
         if self.version not in ("v1", "v2"):
             raise ConfigError(f"unknown EVE version {self.version!r} (expected 'v1' or 'v2')")
         if self.family not in ("llama", "qwen2"):
@@ -91,6 +107,15 @@ class EveConfig:
                 f"vision_num_heads={self.vision_num_heads}"
             )
 
+    def __eq__(self, other: object) -> bool:
+        """Equal when they describe the same model (not the same transformers version or load dtype)."""
+        if not isinstance(other, EveConfig):
+            return NotImplemented
+        return all(getattr(self, f.name) == getattr(other, f.name) for f in dataclasses.fields(self)
+                   if f.name not in _NOT_COMPARED)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
     @property
     def token_stride(self) -> int:
         """Pixels per visual token side."""
@@ -104,24 +129,40 @@ class EveConfig:
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
-        return {"model_type": OUR_MODEL_TYPE, **dataclasses.asdict(self)}
+        out = super().to_dict()
+        out["model_type"] = OUR_MODEL_TYPE
+        return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> EveConfig:
-        """Parse our own config or an official EVE config (`model_type` "eve" / "eve-qwen2")."""
+    def from_dict(cls, data: dict[str, Any], **kwargs: Any) -> Any:
+        """Parse our own config or an official EVE config (`model_type` "eve" / "eve-qwen2").
+
+        Unknown fields of our own configs are errors (a typo must not silently become a default).
+        `kwargs` are Hugging Face's (`return_unused_kwargs`, overrides).
+        """
         model_type = data.get("model_type")
         if model_type == OUR_MODEL_TYPE:
             names = {f.name for f in dataclasses.fields(cls)}
-            unknown = sorted(set(data) - names - {"model_type"})
+            unknown = sorted(set(data) - names - _HF_KEYS)
             if unknown:
                 raise ConfigError(f"unknown config fields {unknown}")
-            return cls(**{k: v for k, v in data.items() if k != "model_type"})
-        if model_type in OFFICIAL_MODEL_TYPES:
-            return _from_official(data)
-        raise ConfigError(
-            f"unknown model_type {model_type!r}: expected {OUR_MODEL_TYPE!r} or an official EVE type "
-            f"{sorted(OFFICIAL_MODEL_TYPES)}"
-        )
+            data = {k: v for k, v in data.items() if k != "model_type"}
+        elif model_type in OFFICIAL_MODEL_TYPES:
+            data = official_fields(data)
+        else:
+            raise ConfigError(
+                f"unknown model_type {model_type!r}: expected {OUR_MODEL_TYPE!r} or an official EVE type "
+                f"{sorted(OFFICIAL_MODEL_TYPES)}"
+            )
+        # Always our class: the released model types are registered as aliases that read into it.
+        return PretrainedConfig.from_dict.__func__(EveConfig, data, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kwargs: Any) -> Any:
+        """Read config.json of our folders and the released ones (no model-type mismatch warning:
+        the released types are read by `from_dict`)."""
+        data, kwargs = cls.get_config_dict(path, **kwargs)
+        return cls.from_dict(data, **kwargs)
 
     def save(self, folder: str | Path) -> None:
         Path(folder, "config.json").write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
@@ -210,7 +251,8 @@ def decoder_fields_from_hf(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _from_official(data: dict[str, Any]) -> EveConfig:
+def official_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """Our config fields for a released EVE config dict (strides are fixed from the weights later)."""
     version = OFFICIAL_MODEL_TYPES[data["model_type"]]
     fields = decoder_fields_from_hf(data)
     used = set(_DECODER_FIELDS) | {"model_type", "head_dim", "attention_bias", "mlp_bias", "mm_hidden_size"}
@@ -227,5 +269,5 @@ def _from_official(data: dict[str, Any]) -> EveConfig:
             raise ConfigError(f"moe_part={part!r} is not supported (only 'layernorm-self_attn-mlp')")
         fields["modality_experts"] = moe
         fields["patch_stride"], fields["merge_stride"] = 16, 2
-    fields["extra"] = {k: v for k, v in data.items() if k not in used}
-    return EveConfig(**fields)
+    fields["extra"] = {k: v for k, v in data.items() if k not in used and k not in _HF_KEYS}
+    return fields

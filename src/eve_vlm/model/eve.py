@@ -10,16 +10,27 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from ..constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from .aligning import PatchAligningLayer, Teacher, cosine_alignment_loss
-from .checkpoint import read_checkpoint, save_checkpoint
+from .checkpoint import (
+    TRAINING_ONLY_PREFIXES,
+    CheckpointError,
+    official_geometry,
+    read_aligning_weights,
+    save_checkpoint,
+    stored_keys_with_prefix,
+    stored_dtype,
+)
 from .config import EveConfig
-from .decoder import Decoder, KVCache, rope_inv_freq
+from .decoder import Decoder, KVCache, RotaryEmbedding, rope_inv_freq
 from .vision import PatchEmbeddingV1, PatchEmbeddingV2, VisionOutput, build_projector, crop_official_layout
 
 logger = logging.getLogger(__name__)
@@ -70,13 +81,41 @@ class EveOutput:
     past_key_values: KVCache | None = None
     valid: Tensor | None = None  # [B, L] spliced validity (for callers that continue generation)
 
+    # The mapping view Hugging Face's `generate` reads (`"cache" in out`, `out.get("cache")`).
+    @property
+    def cache(self) -> KVCache | None:
+        return self.past_key_values
 
-class EveForCausalLM(nn.Module):
-    """An encoder-free vision-language model (EVE v1 or v2) over a Llama- or Qwen2-family decoder."""
+    def __contains__(self, key: str) -> bool:
+        return getattr(self, key, None) is not None
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = getattr(self, key, None)
+        return default if value is None else value
+
+
+class EveForCausalLM(PreTrainedModel, GenerationMixin):
+    """An encoder-free vision-language model (EVE v1 or v2) over a Llama- or Qwen2-family decoder.
+
+    A `transformers` model: `AutoModelForCausalLM`, `generate`, `device_map`, PEFT and the
+    `Trainer` work with it; the decoder, splicing and cache are this package's own.
+    """
+
+    config_class = EveConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DecoderLayer", "PatchEmbeddingV1", "PatchEmbeddingV2"]
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # Training-only tensors of released and training checkpoints: read on request, never an error.
+    _keys_to_ignore_on_load_unexpected = [r"^model\.vision_tower_compressor\.", r"^model\.vision_clip\.", r"rotary_emb\.inv_freq$"]
+    _supports_sdpa = True
 
     def __init__(self, config: EveConfig) -> None:
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.model = EveModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -86,18 +125,30 @@ class EveForCausalLM(nn.Module):
         # Aligning-layer weights loaded from a training checkpoint, kept until a training stage
         # attaches a teacher (the layer cannot be built without knowing the teacher's width).
         self.pending_aligning_weights: dict[str, Tensor] | None = None
+        self.post_init()
 
-    # ------------------------------------------------------------------ properties
-    @property
-    def device(self) -> torch.device:
-        return self.lm_head.weight.device
+    def _init_weights(self, module: nn.Module) -> None:
+        """Only what loading leaves unset: RoPE's non-persistent buffer. Fresh models keep torch's
+        own initialisation (done in the constructors), which the recipes were tuned with."""
+        if isinstance(module, RotaryEmbedding):
+            with torch.no_grad():
+                module.inv_freq.copy_(rope_inv_freq(self.config).to(module.inv_freq.device))
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
 
-    def gradient_checkpointing_enable(self, enabled: bool = True) -> None:
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def gradient_checkpointing_enable(self, enabled: bool = True, gradient_checkpointing_kwargs: Any = None) -> None:
         self.model.gradient_checkpointing = enabled
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.model.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return bool(self.model.gradient_checkpointing)
 
     # ------------------------------------------------------------------ aligning layer
     def attach_aligning_layer(self, teacher: Teacher, weights: dict[str, Tensor] | None = None) -> None:
@@ -252,6 +303,8 @@ class EveForCausalLM(nn.Module):
         return_logits: bool = True,
         logits_to_keep: int = 0,
         branch_ids: Tensor | None = None,
+        cache: KVCache | None = None,
+        return_dict: bool | None = None,
     ) -> EveOutput:
         """Logits and losses for a batch of text with `<image>` placeholders.
 
@@ -261,8 +314,14 @@ class EveForCausalLM(nn.Module):
         each branch sees the prefix and itself, never another branch, and its positions continue
         from the prefix, so one row trains several questions about one image exactly as separate
         samples would. With `use_cache` or a `past_key_values`, the returned cache continues
-        generation (`logits_to_keep=1` for a prefill).
+        generation (`logits_to_keep=1` for a prefill). `cache` is `past_key_values` under the name
+        Hugging Face's `generate` uses; `return_dict` is accepted for it and ignored (always an
+        `EveOutput`).
         """
+        if cache is not None:
+            if past_key_values is not None and past_key_values is not cache:
+                raise ValueError("pass the KV cache as `past_key_values` or `cache`, not both")
+            past_key_values = cache
         pixel_list = self.prepare_images(images)
         vision = self.model.encode_images(pixel_list) if pixel_list else None
         sp = self.splice(input_ids, vision, attention_mask, labels, segment_ids, padding_side, branch_ids)
@@ -405,40 +464,106 @@ class EveForCausalLM(nn.Module):
                 copied += 1
         return copied
 
+    # ------------------------------------------------------------------ Hugging Face generate
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the model brings its own KVCache (spliced images make it longer than input_ids)
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: Tensor,
+        next_sequence_length: int | None = None,
+        cache: KVCache | None = None,
+        attention_mask: Tensor | None = None,
+        images: list[Tensor] | Tensor | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """First call: the whole prompt with its images (left-aligned prefill, last logits only);
+        then only the newest token against the cache, which holds the spliced sequence."""
+        if cache is None or cache.length == 0:
+            return {
+                "input_ids": input_ids,
+                "attention_mask": attention_mask,
+                "images": images,
+                "use_cache": True,
+                "padding_side": "left",
+                "logits_to_keep": 1,
+            }
+        step = input_ids[:, -1:]
+        return {"input_ids": step, "attention_mask": torch.ones_like(step), "cache": cache, "use_cache": True}
+
     # ------------------------------------------------------------------ checkpoints
     @classmethod
-    def from_pretrained(
+    def from_pretrained(  # type: ignore[override]
         cls,
-        path: str | Path,
-        *,
-        dtype: torch.dtype | None = None,
+        pretrained_model_name_or_path: str | Path,
+        *model_args: Any,
+        dtype: torch.dtype | str | None = None,
         device: str | torch.device | None = None,
         keep_training_weights: bool = False,
+        **kwargs: Any,
     ) -> EveForCausalLM:
-        """Load our checkpoints and the released EVE ones (weights kept in their stored dtype, fp16
-        promoted to fp32, unless `dtype` says otherwise).
+        """Load our checkpoints and the released EVE ones through `transformers` (meta-device
+        init, sharded safetensors streamed into place, `device_map`, `torch_dtype`).
 
+        Without a dtype the weights keep their stored dtype, fp16 promoted to fp32 (the official
+        fp16 cast of bf16-trained weights can overflow). `device` is a shorthand for `device_map`.
         `keep_training_weights` keeps a stored v1 patch aligning layer in
-        `pending_aligning_weights`, for a trainer to continue it.
+        `pending_aligning_weights`, for a trainer to continue it. Missing or unexpected weights
+        are a CheckpointError.
         """
-        ckpt = read_checkpoint(path)
-        config = ckpt.config
-        with torch.device("meta"):
-            model = cls(config)
-        ckpt.check_keys(set(model.state_dict()))
-        model.load_state_dict(ckpt.cast(dtype), strict=False, assign=True)
-        if config.tie_word_embeddings:
-            model.lm_head.weight = model.model.embed_tokens.weight
-        # Non-persistent buffers were created on the meta device: rebuild them.
-        model.model.rotary_emb.inv_freq = rope_inv_freq(config)
-        model.to(device=device or "cpu")
+        folder = Path(pretrained_model_name_or_path)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
+        dtype = dtype if dtype is not None else kwargs.pop("torch_dtype", None)
+        if dtype is None or dtype == "auto":
+            dtype = stored_dtype(folder)
+        if device is not None and kwargs.get("device_map") is None:
+            kwargs["device_map"] = torch.device(device)
+        config = kwargs.pop("config", None) or EveConfig.from_pretrained(folder)
+        official_geometry(folder, config)
+        want_info = kwargs.pop("output_loading_info", False)
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # one line in the log instead of a bar per load
+        try:
+            model, info = super().from_pretrained(
+                folder, *model_args, config=config, dtype=dtype, output_loading_info=True, **kwargs
+            )
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
+        logger.debug("loaded %s (%s)", folder, dtype)
+        missing = sorted(set(info.get("missing_keys", ())) - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
+        all_unexpected = set(info.get("unexpected_keys", ()))
+        training_only = stored_keys_with_prefix(folder, TRAINING_ONLY_PREFIXES)
+        unexpected = sorted(k for k in all_unexpected if not k.startswith(TRAINING_ONLY_PREFIXES))
+        mismatched = info.get("mismatched_keys", [])
+        if missing or unexpected or mismatched:
+            raise CheckpointError(
+                f"checkpoint {folder} does not match its config ({config.version}, {config.family}): "
+                f"missing keys {missing[:20]}; unexpected keys {unexpected[:20]}; mismatched {list(mismatched)[:20]}"
+            )
+        if training_only:
+            logger.info(
+                "ignoring %d training-only tensors (patch aligning layer / teacher) in %s", len(training_only), folder
+            )
         if keep_training_weights:
-            model.pending_aligning_weights = ckpt.aligning_weights
+            model.pending_aligning_weights = read_aligning_weights(folder)
         model.eval()
-        return model
+        return (model, info) if want_info else model
 
-    def save_pretrained(self, path: str | Path, *, include_aligning_layer: bool = True) -> None:
-        """Write config.json + model.safetensors atomically; other files in `path` are kept."""
+    def save_pretrained(  # type: ignore[override]
+        self, path: str | Path, *, include_aligning_layer: bool = True, **kwargs: Any
+    ) -> None:
+        """Write config.json + model.safetensors atomically; other files in `path` are kept.
+
+        With Hugging Face's options (`state_dict`, `max_shard_size`, ... as PEFT and the `Trainer`
+        pass them) it is `PreTrainedModel.save_pretrained`.
+        """
+        self.config.architectures = [type(self).__name__]
+        if kwargs:
+            super().save_pretrained(path, **kwargs)
+            return
         save_checkpoint(self.config, self.state_dict(), path, include_aligning_layer=include_aligning_layer)
 
     def num_parameters(self, trainable_only: bool = False) -> int:

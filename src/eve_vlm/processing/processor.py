@@ -72,8 +72,12 @@ class EveProcessor:
         return self.image_processor.config.version
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, template: str | None = None) -> EveProcessor:
-        """Load from a checkpoint or processor folder (image config resolved per ``resolve_image_config``)."""
+    def from_pretrained(cls, path: str | os.PathLike, *, template: str | None = None, **hf_kwargs: Any) -> EveProcessor:
+        """Load from a checkpoint or processor folder (image config resolved per ``resolve_image_config``).
+
+        ``hf_kwargs`` are the options ``AutoProcessor.from_pretrained`` passes along
+        (``trust_remote_code``, cache and hub options): a local folder needs none of them.
+        """
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"processor folder not found: {path}")
