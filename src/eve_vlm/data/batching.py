@@ -15,6 +15,7 @@ Batch format (what the model consumes)::
                                       prefix (and plain samples, padding), k = turn k
     images         list[Tensor[3,H,W]] in placeholder order (row-major, then left to right)
     teacher_pixels [N, 3, S, S], teacher_masks [N, g, g]  only when examples carry teacher inputs
+    stats          dict[str, int]     what the batch costs (:func:`batch_cost`), for the metrics log
 
 The first label of every sample is set to IGNORE_INDEX: a causal loss can never predict it from
 inside its own sample, and in a packed row it would otherwise be "predicted" from the previous
@@ -182,12 +183,17 @@ def collate_padded(examples: Sequence[Example], pad_id: int, pad_to_multiple_of:
     if branches is not None:
         batch["branch_ids"] = _padded_ids(branches, batch["input_ids"].shape[1])  # type: ignore[union-attr]
     batch.update(_images_and_teacher(examples))
+    lengths = [ex.spliced_length for ex in examples]
+    batch["stats"] = batch_cost([[n] for n in lengths], packed=False)
     return batch
 
 
 def collate_packed(rows: Sequence[Sequence[Example]], pad_id: int, pad_to_multiple_of: int | None = None
                    ) -> dict[str, object]:
-    """Several examples per row, concatenated, with ``segment_ids`` 1..k per row and 0 on padding."""
+    """Several examples per row, concatenated, with ``segment_ids`` 1..k per row and 0 on padding.
+
+    The model attends per document in such rows (``eve_vlm.model.attention``), so a row costs what
+    its samples cost and rows can be long: fill them up to the budget (`pack_examples`)."""
     if not rows or any(len(r) == 0 for r in rows):
         raise ValueError("cannot collate an empty row")
     ids = [torch.cat([ex.input_ids for ex in row]) for row in rows]
@@ -203,7 +209,33 @@ def collate_packed(rows: Sequence[Sequence[Example]], pad_id: int, pad_to_multip
         it = iter(branches)
         batch["branch_ids"] = _padded_ids([torch.cat([next(it) for _ in row]) for row in rows], T)
     batch.update(_images_and_teacher([ex for row in rows for ex in row]))
+    batch["stats"] = batch_cost([[ex.spliced_length for ex in row] for row in rows], packed=True)
     return batch
+
+
+def causal_pairs(n: int) -> int:
+    """Query-key pairs of causal attention over n tokens (attention FLOPs are proportional)."""
+    return n * (n + 1) // 2
+
+
+def batch_cost(rows: Sequence[Sequence[int]], packed: bool) -> dict[str, int]:
+    """Tokens and attention work of a batch whose rows hold samples of the given spliced lengths.
+
+    ``tokens`` are real, ``slots`` = rows x the longest row (the model pads rows after splicing).
+    ``attn_pairs_needed`` is what the samples need (causal pairs of each alone);
+    ``attn_pairs_spent`` is what the decoder computes: in packed rows, per document (its default
+    document attention skips padding and other documents); in padded rows, every row over the
+    longest. The ratio of the two (and 1 - tokens / slots) is the waste the metrics log reports.
+    """
+    lengths = [sum(r) for r in rows]
+    longest = max(lengths, default=0)
+    needed = sum(causal_pairs(n) for r in rows for n in r)
+    return {
+        "tokens": sum(lengths),
+        "slots": longest * len(rows),
+        "attn_pairs_needed": needed,
+        "attn_pairs_spent": needed if packed else causal_pairs(longest) * len(rows),
+    }
 
 
 def padding_waste(batch_lengths: Sequence[int], row_length: int | None = None) -> float:

@@ -255,6 +255,10 @@ class Trainer:
         }
         if p.teacher is not None:
             rec["aligning_loss"] = aligning
+        cost = [b["stats"] for b in micro if "stats" in b]  # this rank's (data/batching.py: batch_cost)
+        if cost:
+            rec["padding_waste"] = 1 - sum(c["tokens"] for c in cost) / max(sum(c["slots"] for c in cost), 1)
+            rec["attn_spent_over_needed"] = sum(c["attn_pairs_spent"] for c in cost) / max(sum(c["attn_pairs_needed"] for c in cost), 1)
         return rec
 
     # .................................................................. the loop
