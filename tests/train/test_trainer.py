@@ -618,7 +618,7 @@ def test_too_many_broken_records_stop_the_run(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------- the command line
-def test_eve_train_command_runs_a_stage_and_resumes(tmp_path: Path) -> None:
+def test_eve_train_command_runs_a_stage_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from eve_vlm.cli import main
 
     recipe = str(RECIPES / "tiny/eve_v2/2_fullalign.yaml")
@@ -627,8 +627,14 @@ def test_eve_train_command_runs_a_stage_and_resumes(tmp_path: Path) -> None:
     assert (tmp_path / "final/config.json").is_file()
     assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2, 3, 4]
     assert json.loads((tmp_path / "recipe.json").read_text())["max_steps"] == 4
-    # --resume with a longer run continues from checkpoints/step-2
-    assert main(args[:-4] + ["--set", "max_steps=6", "--set", "save_every=2", "--resume"]) == 0
+    # --resume of the finished run says so and leaves it as it is
+    assert main(args + ["--resume"]) == 0
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2, 3, 4]
+    # a longer run is another trajectory: refused, unless asked for; then it continues from step-4
+    longer = args[:-4] + ["--set", "max_steps=6", "--set", "save_every=2", "--resume"]
+    assert main(longer) == 2
+    assert "max_steps: 4 -> 6" in capsys.readouterr().err
+    assert main(longer + ["--allow-recipe-change"]) == 0
     assert [m["step"] for m in read_metrics(tmp_path)] == list(range(1, 7))
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 6
     EveForCausalLM.from_pretrained(tmp_path / "final")

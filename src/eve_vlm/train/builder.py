@@ -53,7 +53,9 @@ class TrainingParts:
     groups: dict[str, list[nn.Parameter]]  # trainable parameters by group
     device: torch.device
     dist: DistInfo
-    autocast_dtype: torch.dtype | None  # bf16 autocast on GPU, None (fp32) on CPU
+    # bf16 autocast on GPU, None (fp32) on CPU; under FSDP2 bf16 also gathers and computes the
+    # parameters in bf16 and reduces gradients in fp32 onto fp32 master shards
+    autocast_dtype: torch.dtype | None
     accum: int  # micro-batches per optimizer step on each process
     data_path: str
     extra: dict[str, Any] = field(default_factory=dict)
@@ -249,7 +251,10 @@ def build_training(recipe: Recipe, *, model: EveForCausalLM | None = None, proce
 
     path, image_root = training_data_path(recipe, dist)
     batches = build_batches(recipe, processor, teacher, path, image_root)
-    wrapped = wrap_model(model, recipe.distributed, dist, device)
+    bf16 = dtype == torch.bfloat16
+    wrapped = wrap_model(model, recipe.distributed, dist, device, bf16=bf16, cpu_offload=recipe.cpu_offload)
+    if wrapped is model and dist.world > 1:  # FSDP2 replaced the parameters by their shards
+        groups = set_trainable(model, trainable, recipe.freeze)
     optimizer = build_optimizer(groups, recipe.optim, device)
     steps = total_steps(recipe, path)
     o = recipe.optim

@@ -1,14 +1,21 @@
-"""Training checkpoints: `OUTPUT_DIR/checkpoints/step-N/`, written atomically, resumed exactly.
+"""Training checkpoints: `OUTPUT_DIR/checkpoints/step-N/`, written by every rank, resumed exactly.
 
-A checkpoint holds the model and processor (loadable like any saved model), the optimizer and
-scheduler state, every RNG state, and `trainer_state.json` (step, batches taken, history). The
-JSON file is written last inside a temporary folder that is renamed into place, so a folder named
-`step-N` with that file is always complete.
+A checkpoint holds the model and optimizer as a `torch.distributed.checkpoint` (DCP) folder that
+every rank writes its own shard of in parallel (`dcp/`), each rank's RNG states (`rng-rankR.pt`),
+the scheduler state (`training_state.pt`), the model config, the processor, and
+`trainer_state.json` (step, data position, history, the recipe). DCP stores each tensor by name
+with its global shape, so a checkpoint written by N processes (FSDP2 shards, DDP or one process)
+loads on any other number of them.
+
+Writes are atomic: everything goes into `.step-N.tmp`, and the main rank renames it to `step-N`
+only after every rank finished and `trainer_state.json` was written last; a folder named `step-N`
+with that file is always complete, and a job killed mid-write leaves only the hidden temp folder.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
@@ -17,12 +24,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from ..model.checkpoint import atomic_folder
+from .distributed import DistInfo, barrier
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
 TRAINING_STATE = "training_state.pt"
+DCP_DIR = "dcp"
 
 
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
@@ -65,34 +74,77 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
 
 
+def _replace_folder(tmp: Path, target: Path) -> None:
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def write_checkpoint(
     target: Path,
     *,
-    model: Any,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
     processor: Any,
-    include_aligning_layer: bool,
-    optimizer_state: dict[str, Any],
     scheduler_state: dict[str, Any],
     trainer_state: dict[str, Any],
+    info: DistInfo,
 ) -> Path:
-    """Write one complete checkpoint folder atomically (main process only)."""
-    with atomic_folder(target) as tmp:
-        model.save_pretrained(tmp, include_aligning_layer=include_aligning_layer)
+    """Write one checkpoint folder; every rank calls this (each writes its own shards)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    tmp = target.with_name(f".{target.name}.tmp")
+    if info.main:
+        shutil.rmtree(tmp, ignore_errors=True)  # a write a killed job left behind
+        tmp.mkdir(parents=True)
+    barrier(info)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / DCP_DIR))
+    torch.save(rng_state(), tmp / f"rng-rank{info.rank}.pt")
+    barrier(info)
+    if info.main:
+        model.config.save(tmp)  # type: ignore[union-attr]
         processor.save_pretrained(tmp)
-        torch.save({"optimizer": optimizer_state, "scheduler": scheduler_state, "rng": rng_state()}, tmp / TRAINING_STATE)
-        (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
+        torch.save({"scheduler": scheduler_state}, tmp / TRAINING_STATE)
+        (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2, default=str))
+        _replace_folder(tmp, target)
+    barrier(info)
     return target
 
 
-def read_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """Model weights, training state (optimizer, scheduler, RNG) and trainer state of a checkpoint."""
-    from safetensors.torch import load_file
+def read_trainer_state(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / TRAINER_STATE).read_text())
 
-    weights = load_file(str(folder / "model.safetensors"))
-    # the RNG states must stay CPU byte tensors; load_state_dict moves optimizer state to the params
-    training = torch.load(folder / TRAINING_STATE, map_location="cpu", weights_only=False)
-    trainer = json.loads((folder / TRAINER_STATE).read_text())
-    return weights, training, trainer
+
+def load_checkpoint(folder: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo) -> dict[str, Any]:
+    """Load model and optimizer state (resharded to this world size) and this rank's RNG states;
+    returns the training state (scheduler). Every rank calls this."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    if not (folder / DCP_DIR).is_dir():
+        raise ValueError(f"{folder} holds no distributed checkpoint ({DCP_DIR}/): it was not written by this trainer")
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    # get_state_dict gives every trainable parameter optimizer state; a parameter that never had a
+    # gradient when the checkpoint was written (e.g. a vision copy no visual token reached) has none
+    stored = dcp.FileSystemReader(str(folder / DCP_DIR)).read_metadata().state_dict_metadata
+    optim_sd["state"] = {
+        fqn: entry for fqn, entry in optim_sd["state"].items() if any(f"optim.state.{fqn}.{k}" in stored for k in entry)
+    }
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(folder / DCP_DIR))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(strict=False))
+    # the RNG states must stay CPU byte tensors; another world size continues rank 0's streams
+    own = folder / f"rng-rank{info.rank}.pt"
+    rng = torch.load(own if own.is_file() else folder / "rng-rank0.pt", map_location="cpu", weights_only=False)
+    set_rng_state(rng)
+    return torch.load(folder / TRAINING_STATE, map_location="cpu", weights_only=False)
 
 
 def prune_checkpoints(output_dir: str | Path, keep: int) -> None:

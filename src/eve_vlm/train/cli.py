@@ -16,7 +16,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("recipe", help="a shipped recipe (e.g. eve_v1/1_prealign, tiny/eve_v2/1_vision) or a YAML file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any recipe field, e.g. --set output_dir=runs/x --set optim.lr=1e-4")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest complete checkpoint in output_dir (on any number of processes); "
+                        "a finished run is reported and left as it is")
+    p.add_argument("--allow-recipe-change", action="store_true",
+                   help="let --resume continue with recipe fields that change the run (learning rate, global batch, "
+                        "max_steps, data, ...); without it such a resume is refused with the list of differences")
     p.set_defaults(func=run)
 
     r = sub.add_parser("recipes", help="list the shipped training recipes",
@@ -32,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
 
     recipe = Recipe.load(args.recipe, args.overrides)
     check_inputs(recipe)  # before the model is built or converted
-    result = Trainer.from_recipe(recipe).train(resume=args.resume)
+    result = Trainer.from_recipe(recipe).train(resume=args.resume, allow_recipe_change=args.allow_recipe_change)
     if result.summary:
         logger.info("final model: %s  (summary: %s)", result.final_dir, result.output_dir / "summary.json")
     return 0

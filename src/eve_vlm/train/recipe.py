@@ -101,7 +101,9 @@ class Recipe:
     epochs: float = 1.0
     gradient_checkpointing: bool = False
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
-    distributed: str = "ddp"  # ddp | fsdp (used when launched with torchrun / accelerate launch)
+    distributed: str = "ddp"  # ddp | fsdp (FSDP2, `fully_shard`); used when launched with torchrun
+    # FSDP2 only: parameter shards, gradients and optimizer state wait in CPU memory between uses
+    cpu_offload: bool = False
     output_dir: str = "runs/stage"
     save_every: int = 0  # steps between periodic checkpoints (0: only final)
     keep_checkpoints: int = 2
@@ -129,6 +131,8 @@ class Recipe:
             raise RecipeError(f"teacher.cache_mb must be >= 0, got {self.teacher.cache_mb}")
         if self.distributed not in ("ddp", "fsdp"):
             raise RecipeError(f"distributed must be 'ddp' or 'fsdp', got {self.distributed!r}")
+        if self.cpu_offload and self.distributed != "fsdp":
+            raise RecipeError("cpu_offload needs distributed: fsdp (it offloads FSDP2's parameter shards)")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise RecipeError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.optim.schedule not in LR_SCHEDULES:

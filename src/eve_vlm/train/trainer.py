@@ -2,8 +2,9 @@
 
 Gradient accumulation with the LM loss averaged per supervised token over the whole global batch
 (not per micro-batch, so a token weighs the same whichever micro-batch it lands in), clipping,
-per-group learning rates, bf16 autocast on GPU / fp32 on CPU, DDP or FSDP under torchrun, atomic
-checkpoints and an exact resume (model, optimizer, scheduler, RNG and data position). Everything
+per-group learning rates, bf16 autocast on GPU / fp32 on CPU, DDP or FSDP2 under torchrun, atomic
+distributed checkpoints and an exact resume on any world size (model, optimizer, scheduler, RNG and
+data position) that refuses a checkpoint of a different run. Everything
 around the loop (progress bar, metrics log, loss plot, periodic checkpoints, a study's re-planning)
 is a callback.
 """
@@ -27,14 +28,16 @@ from .callbacks import TrainerCallback, default_callbacks
 from .checkpointing import (
     checkpoint_dir,
     latest_checkpoint,
+    load_checkpoint,
     prune_checkpoints,
-    read_checkpoint,
-    set_rng_state,
+    read_trainer_state,
     write_checkpoint,
 )
-from .distributed import barrier, full_optimizer_state
+from .distributed import barrier, clip_gradients, set_gradient_sync
+from .export import export_pretrained
 from .params import num_targets
-from .recipe import Recipe
+from .recipe import Recipe, RecipeError
+from .resume_check import recipe_differences
 from .state import TrainerState, TrainResult
 
 logger = logging.getLogger(__name__)
@@ -110,17 +113,16 @@ class Trainer:
         """Write checkpoints/step-N atomically; a crash mid-write never leaves it looking complete."""
         p = self.parts
         target = checkpoint_dir(self.out, self.state.step)
-        optim_state = full_optimizer_state(p.wrapped, p.optimizer, self.recipe.distributed, p.dist)
+        write_checkpoint(
+            target,
+            model=p.model,
+            optimizer=p.optimizer,
+            processor=p.processor,
+            scheduler_state=p.scheduler.state_dict(),
+            trainer_state=self._trainer_state(),
+            info=p.dist,
+        )
         if p.dist.main:
-            write_checkpoint(
-                target,
-                model=p.model,
-                processor=p.processor,
-                include_aligning_layer=self.recipe.save_aligning_layer,
-                optimizer_state=optim_state,
-                scheduler_state=p.scheduler.state_dict(),
-                trainer_state=self._trainer_state(),
-            )
             prune_checkpoints(self.out, self.recipe.keep_checkpoints)
         barrier(p.dist)
         for cb in self.callbacks:
@@ -138,34 +140,62 @@ class Trainer:
             "world_size": self.parts.dist.world,
             "num_workers": self.parts.batches.num_workers,
             "history": s.history,
+            "recipe": self.recipe.to_dict(),
         }
 
-    def resume(self, checkpoint: Path | None = None) -> bool:
-        """Continue from `checkpoint` (default: the newest complete one); False when there is none."""
+    def check_same_run(self, saved: dict[str, Any] | None, where: Path, allow_changes: bool) -> None:
+        """Refuse to continue a run whose recipe changed in a field that alters its trajectory
+        (learning rate, global batch, length, data, ...) unless `allow_changes`, which is logged."""
+        if saved is None:
+            return
+        diffs = recipe_differences(saved, self.recipe.to_dict())
+        if not diffs:
+            return
+        listing = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs)
+        if not allow_changes:
+            raise RecipeError(
+                f"{where} belongs to a run with another recipe ({listing}); resume with the recipe it was "
+                "written with, or pass --allow-recipe-change to continue with the changed fields"
+            )
+        logger.warning("resuming %s with a changed recipe (--allow-recipe-change): %s", where, listing)
+
+    def finished(self, allow_changes: bool = False) -> bool:
+        """True when this output folder holds a run of this recipe that already ran to its end."""
+        summary, recipe_json = self.out / "summary.json", self.out / "recipe.json"
+        if not (summary.is_file() and recipe_json.is_file() and (self.out / "final").is_dir()):
+            return False
+        self.check_same_run(json.loads(recipe_json.read_text()), self.out / "final", allow_changes)
+        return int(json.loads(summary.read_text()).get("steps", 0)) >= self.max_steps
+
+    def resume(self, checkpoint: Path | None = None, allow_changes: bool = False) -> bool:
+        """Continue from `checkpoint` (default: the newest complete one); False when there is none.
+
+        The checkpoint may come from another world size: DCP reshards the model and optimizer, and
+        the data stream skips the global samples already trained on."""
         ckpt = checkpoint or latest_checkpoint(self.out)
         if ckpt is None:
             logger.info("no checkpoint to resume from in %s: starting fresh", self.out)
             return False
         p = self.parts
-        weights, training, trainer = read_checkpoint(ckpt)
+        trainer = read_trainer_state(ckpt)
+        self.check_same_run(trainer.get("recipe"), ckpt, allow_changes)
         saved_workers = trainer.get("num_workers", 0)
         if saved_workers != p.batches.num_workers:
             raise ValueError(
                 f"{ckpt} was written with data.num_workers={saved_workers}; resume with the same number "
                 f"(not {p.batches.num_workers}): it decides which records each worker reads"
             )
-        result = p.model.load_state_dict(weights, strict=False)
-        allowed_missing = {"lm_head.weight"} if p.model.config.tie_word_embeddings else set()
-        if set(result.missing_keys) - allowed_missing or result.unexpected_keys:
-            raise RuntimeError(f"checkpoint {ckpt} does not match the model: {result}")
-        p.optimizer.load_state_dict(training["optimizer"])
+        training = load_checkpoint(ckpt, model=p.model, optimizer=p.optimizer, info=p.dist)
         planned = dataclasses.replace(p.schedule)
         p.scheduler.load_state_dict(training["scheduler"])  # restores the schedule object's fields too
         p.schedule.__dict__.update(planned.__dict__)  # the recipe being resumed decides the length
         self.state = TrainerState(trainer["step"], trainer["samples"], trainer["tokens"], trainer.get("history", []))
-        p.batches.skip(trainer["micro_batches"])
-        set_rng_state(training["rng"])
-        logger.info("resumed from %s at step %d", ckpt, self.state.step)
+        # every global step trains on the same records whatever the world size (GlobalOrderRecords):
+        # on another world size, this rank's share of the steps taken is step x its accumulation
+        same_world = trainer.get("world_size", 1) == p.dist.world
+        p.batches.skip(trainer["micro_batches"] if same_world else trainer["step"] * p.accum)
+        logger.info("resumed from %s at step %d (written by %d processes, now %d)", ckpt, self.state.step,
+                    trainer.get("world_size", 1), p.dist.world)
         return True
 
     # .................................................................. one step
@@ -211,6 +241,7 @@ class Trainer:
         for i, batch in enumerate(micro):
             last = i == len(micro) - 1
             no_sync = world > 1 and not last and hasattr(p.wrapped, "no_sync")
+            set_gradient_sync(p.wrapped, last)  # FSDP2: reduce-scatter once per step
             with p.wrapped.no_sync() if no_sync else contextlib.nullcontext():
                 out = self.forward(batch)
                 loss = out.lm_loss_sum * (world / total_tokens)
@@ -222,10 +253,7 @@ class Trainer:
             local_tokens += int(out.valid.sum())  # tokens processed (text + visual)
         max_norm = self.recipe.optim.max_grad_norm
         if max_norm and max_norm > 0:
-            if hasattr(p.wrapped, "clip_grad_norm_"):
-                grad_norm = p.wrapped.clip_grad_norm_(max_norm)
-            else:
-                grad_norm = torch.nn.utils.clip_grad_norm_([q for qs in p.groups.values() for q in qs], max_norm)
+            grad_norm = clip_gradients([q for qs in p.groups.values() for q in qs], max_norm)
         else:
             grad_norm = torch.tensor(0.0)
         lr = p.scheduler.get_last_lr()[0]
@@ -267,10 +295,18 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_evaluate(self, metrics)
 
-    def train(self, resume: bool = False, stop_after: int | None = None) -> TrainResult:
-        """Run to the schedule's length (or `stop_after` steps, for tests of interruption)."""
+    def train(self, resume: bool = False, stop_after: int | None = None, allow_recipe_change: bool = False) -> TrainResult:
+        """Run to the schedule's length (or `stop_after` steps, for tests of interruption).
+
+        `resume` continues from the newest complete checkpoint; a run that already finished is
+        reported and left as it is. `allow_recipe_change` lets a resume change fields that alter
+        the run's trajectory (they are logged)."""
+        if resume and self.finished(allow_recipe_change):
+            logger.info("%s already finished this recipe (%d steps): nothing to resume", self.out, self.max_steps)
+            summary = json.loads((self.out / "summary.json").read_text())
+            return TrainResult(self.out, self.out / "final", self.state.history, summary)
         if resume:
-            self.resume()
+            self.resume(allow_changes=allow_recipe_change)
         for cb in self.callbacks:
             cb.on_train_start(self)
         start = time.perf_counter()
@@ -305,12 +341,8 @@ class Trainer:
                 for reason, k in counts.items():
                     skipped[reason] = skipped.get(reason, 0) + k
         summary: dict[str, Any] = {}
+        export_pretrained(p.model, p.processor, final, p.dist, include_aligning_layer=self.recipe.save_aligning_layer)
         if p.dist.main:
-            from ..model.checkpoint import atomic_folder
-
-            with atomic_folder(final) as tmp:
-                p.model.save_pretrained(tmp, include_aligning_layer=self.recipe.save_aligning_layer)
-                p.processor.save_pretrained(tmp)
             history = self.state.history
             summary = {
                 "recipe": self.recipe.name,
