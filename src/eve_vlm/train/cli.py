@@ -24,6 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "max_steps, data, ...); without it such a resume is refused with the list of differences")
     p.set_defaults(func=run)
 
+    from .plan import register as register_plan
+
+    register_plan(sub)
+
     r = sub.add_parser("recipes", help="list the shipped training recipes",
                        description="The recipes shipped with eve-vlm, usable by name with `eve train NAME`.")
     r.add_argument("--paths", action="store_true", help="also print each recipe's file")
