@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "or as one dialogue (later turns can read earlier answers)",
     )
     p.add_argument(
-        "--dialogue-fraction", type=float, default=0.25,
+        "--dialogue-fraction", type=float, default=0.3,
         help="fraction of training images that also get a multi-turn dialogue in stage 3 "
         "(follow-up questions, or a switch to a second image), so that chat works",
     )

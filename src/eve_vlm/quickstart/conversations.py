@@ -20,6 +20,9 @@ from ..generate import GenerationConfig, generate, resolve_config, with_image_pl
 from .easy_vqa_data import EasyVQAQuestion, EasyVQASplit, normalize_answer
 
 SAME_IMAGE_TURNS = 3  # questions in a conversation about one image
+# Of the dialogue records, this share follows up on one image and the rest switch to a second
+# image: attending to the newest image with another one in the context is the harder skill.
+FOLLOW_UP_SHARE = 0.4
 SWITCH_TURNS = (2, 2)  # questions about the first image, then about the second
 # answers generated per held-out pair: a follow-up conversation and an image-switch one (two turns)
 EVAL_TURNS_PER_PAIR = SAME_IMAGE_TURNS + 2
@@ -47,8 +50,8 @@ def leak_free_questions(questions: list[EasyVQAQuestion], n: int, rng: random.Ra
 
 
 def dialogue_records(split: EasyVQASplit, fraction: float, seed: int) -> list[dict[str, Any]]:
-    """Dialogue records for `fraction` of the images: half of them a conversation of
-    `SAME_IMAGE_TURNS` questions about one image, half one that switches to a second image after
+    """Dialogue records for `fraction` of the images: `FOLLOW_UP_SHARE` of them a conversation of
+    `SAME_IMAGE_TURNS` questions about one image, the rest one that switches to a second image after
     `SWITCH_TURNS[0]` questions, their questions in `leak_free_questions` order. Each record is
     trained as one dialogue (`independent_turns` false), so later answers see the earlier turns."""
     rng = random.Random(seed * 7919 + 17)
@@ -59,8 +62,9 @@ def dialogue_records(split: EasyVQASplit, fraction: float, seed: int) -> list[di
     rng.shuffle(ids)
     chosen = ids[: round(fraction * len(ids))]
     records = []
+    follow_ups = round(FOLLOW_UP_SHARE * len(chosen))
     for k, image_id in enumerate(chosen):
-        if k % 2 == 0:
+        if k < follow_ups:
             qs = leak_free_questions(by_image[image_id], SAME_IMAGE_TURNS, rng)
             turns = [t for j, q in enumerate(qs) for t in _turn(q, j == 0)]
             images = [str(split.image_paths[image_id])]

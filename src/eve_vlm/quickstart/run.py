@@ -64,10 +64,10 @@ class QuickstartConfig:
     # per sample vs 95% with 1, at similar compute; docs/quickstart.md).
     questions_per_sample: int = 16
     stage3_turns: str = "independent"
-    # Fraction of the training images that also get one multi-turn dialogue record in stage 3 (half
-    # follow-up questions about one image, half a switch to a second image), so that `eve chat`
+    # Fraction of the training images that also get one multi-turn dialogue record in stage 3
+    # (follow-up questions about one image, or a switch to a second image), so that `eve chat`
     # answers follow-ups and follows `/image` (quickstart/conversations.py). 0: none.
-    dialogue_fraction: float = 0.25
+    dialogue_fraction: float = 0.3
     # Held-out conversations of each kind scored for the multi-turn accuracy (0: skip it).
     multiturn_conversations: int = 200
     blind: bool = True
