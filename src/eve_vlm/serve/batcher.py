@@ -45,13 +45,13 @@ class QueueFullError(RuntimeError):
     """The server has more waiting requests than it accepts."""
 
 
-def batch_key(config: GenerationConfig, unique: int) -> tuple:
+def batch_key(config: GenerationConfig, unique: int, ignore_eos: bool = False) -> tuple:
     """Requests with equal keys can share a batch (`unique` keeps a seeded request alone)."""
     if not config.do_sample:
-        return ("greedy", config.repetition_penalty)
+        return ("greedy", config.repetition_penalty, ignore_eos)
     if config.seed is not None:
         return ("seeded", unique)
-    return ("sample", config.temperature, config.top_p, config.top_k, config.repetition_penalty)
+    return ("sample", config.temperature, config.top_p, config.top_k, config.repetition_penalty, ignore_eos)
 
 
 @dataclass
@@ -70,6 +70,7 @@ class GenRequest:
     images: list[Tensor]  # processed pixels in placeholder order
     config: GenerationConfig  # stop_strings: this request's own stop sequences
     prompt_tokens: int = 0  # with images expanded (for usage reporting)
+    ignore_eos: bool = False  # neither EOS nor the template's stop strings end it (benchmarks)
 
 
 class Ticket:
@@ -198,7 +199,7 @@ class Batcher:
                 raise QueueFullError(
                     f"{len(self._waiting)} requests are waiting (max_queue={self.max_queue})"
                 )
-            self._waiting.append((batch_key(request.config, next(self._ids)), ticket))
+            self._waiting.append((batch_key(request.config, next(self._ids), request.ignore_eos), ticket))
             self._cond.notify_all()
         return ticket
 
@@ -261,15 +262,17 @@ class Batcher:
 
     def _run_batch(self, batch: list[Ticket]) -> None:
         first = batch[0].request.config
+        free_run = batch[0].request.ignore_eos  # the batch key puts only such requests together
+        template_stops = [] if free_run else self.template_stops
         cfg = dataclasses.replace(
             first,
             max_new_tokens=max(t.request.config.max_new_tokens for t in batch),
-            eos_token_id=list(self.eos_token_ids),
-            stop_strings=list(self.template_stops),
+            eos_token_id=[] if free_run else list(self.eos_token_ids),
+            stop_strings=list(template_stops),
         )
         ids, mask, images = self._collate(batch)
         rows = [
-            _Row(t, TextDeltas(self.tokenizer, 1, self.template_stops, t.request.config.stop_strings))
+            _Row(t, TextDeltas(self.tokenizer, 1, template_stops, t.request.config.stop_strings))
             for t in batch
         ]
         self.batches_run += 1

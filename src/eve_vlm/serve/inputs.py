@@ -216,4 +216,6 @@ def build_request(req: ChatCompletionRequest, processor: Any, limits: ServerLimi
             "messages",
         )
     assert sum(1 for t in ids if t == IMAGE_TOKEN_INDEX) == len(pixels)
-    return GenRequest(input_ids=ids, images=pixels, config=config, prompt_tokens=prompt_tokens)
+    return GenRequest(
+        input_ids=ids, images=pixels, config=config, prompt_tokens=prompt_tokens, ignore_eos=req.ignore_eos
+    )

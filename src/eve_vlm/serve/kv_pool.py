@@ -10,8 +10,9 @@ the last row into its slot.
 Rows share one column pointer `length` (every row's newest key sits in column `length - 1`, older
 columns to the left, unused columns masked out), which is exactly the layout the decoder's
 `KVCache` protocol (`valid`, `begin`, `update`, `commit`, `next_position`) expects, so the model
-runs unchanged. When the pointer reaches the capacity, the rows shift left by the columns no
-row uses (one copy every `capacity - longest row` steps).
+runs unchanged. Once the columns no row uses make up half the width (rows that started early have
+left), or the pointer reaches the capacity, the rows shift left over them: one copy of the batch
+every `length / 2` steps at most, so attention never runs over much more than the longest row.
 """
 
 from __future__ import annotations
@@ -125,7 +126,17 @@ class SlotKVCache:
         self.rows -= 1
         if self.rows == 0:
             self.length = 0
+        else:
+            self._compact_if_sparse()
         return moved
+
+    def _compact_if_sparse(self) -> None:
+        """Drop the columns no row uses once they are half the width, so attention does not run
+        over them (a shift copies every row; at most once per `length / 2` steps)."""
+        used = self._valid[: self.rows, : self.length].any(0)
+        first = int(used.to(torch.int8).argmax())
+        if first >= 16 and 2 * first >= self.length:
+            self._shift(-first)
 
     def reserve(self, n: int) -> None:
         """Make sure `n` more columns fit (call before a forward: it may move the rows)."""

@@ -174,7 +174,8 @@ class ContinuousScheduler:
                 self.cancelled_rows += 1
                 continue
             cfg = ticket.request.config
-            row = _Live(ticket, TextDeltas(self.tokenizer, 1, self.template_stops, cfg.stop_strings))
+            template_stops = [] if ticket.request.ignore_eos else self.template_stops
+            row = _Live(ticket, TextDeltas(self.tokenizer, 1, template_stops, cfg.stop_strings))
             if cfg.do_sample and cfg.seed is not None:
                 row.generator = torch.Generator(device=self.model.device).manual_seed(cfg.seed)
             self._admitted.append(row)
@@ -331,7 +332,7 @@ class ContinuousScheduler:
     def _take(self, row: _Live, token: int) -> bool:
         """Record a row's new token and stream its text; True when the row is finished."""
         cfg = row.ticket.request.config
-        if token in self.eos:
+        if token in self.eos and not row.ticket.request.ignore_eos:
             self._finish(row, "stop")
             return True
         row.seq.append(token)

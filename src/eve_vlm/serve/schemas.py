@@ -79,6 +79,7 @@ class ChatCompletionRequest(_Lenient):
     seed: int | None = None
     stream: bool = False
     n: int = Field(default=1, ge=1, le=1)
+    ignore_eos: bool = False  # vLLM's extension: decode max_tokens tokens (benchmarks)
 
     @field_validator("stop")
     @classmethod
