@@ -6,8 +6,8 @@ mask rules out the flash kernels). The decoder hands the packing layout (`Packed
 once per forward from the segment ids), never a mask, to one entry point, `PackedLayout.attend`,
 which runs one of these backends:
 
-- ``segments``: one causal SDPA call per document (the CPU default). FlexAttention has no
-  backward on CPU, and forward-only it was slower than this (bench/packed_attention.py).
+- ``segments``: one causal SDPA call per document (the CPU default: FlexAttention has no
+  backward on CPU in torch 2.13, so it cannot train there).
 - ``flex``: FlexAttention with a document block mask (the CUDA default): one kernel for the
   whole batch that skips the blocks outside every document.
 - ``dense``: the block-diagonal mask through plain SDPA, as a reference and for benchmarks.
