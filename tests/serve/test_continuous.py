@@ -10,7 +10,6 @@ from fastapi.testclient import TestClient
 from eve_vlm.generate import GenerationConfig
 from eve_vlm.loading import load_for_inference
 from eve_vlm.serve import Batcher, ContinuousScheduler, GenRequest, QueueFullError, ServerSettings, create_app
-from eve_vlm.serve.batcher import Ticket
 from eve_vlm.testing import make_png
 
 SIZES = [(48, 32), (20, 70), (64, 64), (40, 40)]
@@ -75,12 +74,12 @@ def test_a_cancelled_row_frees_its_slot(tiny_v2):
 
 def test_full_queue_raises(tiny_v2):
     model, processor = tiny_v2
-    sched = ContinuousScheduler(model, processor, max_batch_size=1, max_queue=1)
-    sched._stopping = True  # noqa: SLF001 - keep the worker from taking requests
-    with sched._cond:  # noqa: SLF001
-        sched._waiting.append(Ticket(_request(processor, 0), None))  # noqa: SLF001
-    with pytest.raises(QueueFullError):
-        sched.submit(_request(processor, 0))
+    sched = ContinuousScheduler(model, processor, max_batch_size=1, max_queue=0)
+    try:
+        with pytest.raises(QueueFullError, match="max_queue=0"):
+            sched.submit(_request(processor, 0))
+    finally:
+        sched.stop()
 
 
 @pytest.fixture(scope="module")
