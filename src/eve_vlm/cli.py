@@ -26,6 +26,7 @@ SUBCOMMAND_MODULES = (
     "eve_vlm.serve.cli",
     "eve_vlm.eval.cli",
     "eve_vlm.eval.profile_cli",
+    "eve_vlm.export.cli",
     "eve_vlm.quickstart.cli",
 )
 # Subcommand modules whose package needs an optional dependency, with the commands they add:
