@@ -217,7 +217,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu-memory", default="80GiB", help="memory of one GPU (default 80GiB)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sample (default: the recipe's data.max_length)")
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed for the step time")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any recipe field before planning, e.g. --set micro_batch_size=2")
     p.set_defaults(func=run)
 
 
