@@ -20,10 +20,10 @@ from pathlib import Path
 from eve_vlm.quickstart.assets import smollm2_hf_folder
 from eve_vlm.quickstart.run import (
     QuickstartConfig,
-    stage_recipe,
     build_model,
     evaluate,
     prior_accuracy,
+    stage_recipe,
     write_data,
 )
 from eve_vlm.train import Trainer, TrainerCallback

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from eve_vlm.constants import IGNORE_INDEX
 from eve_vlm.model import next_token_targets
 from eve_vlm.quickstart.assets import smollm2_hf_folder
-from eve_vlm.quickstart.run import QuickstartConfig, stage_recipe, build_model, write_data
+from eve_vlm.quickstart.run import QuickstartConfig, build_model, stage_recipe, write_data
 from eve_vlm.train import Trainer
 
 

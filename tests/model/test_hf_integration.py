@@ -28,7 +28,6 @@ from eve_vlm.generate import GenerationConfig, generate
 from eve_vlm.processing.processor import EveProcessor
 from eve_vlm.testing import make_tiny_checkpoint
 
-
 FIXTURES = Path(os.environ.get("EVE_OFFICIAL_FIXTURES", Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "official"))
 
 

@@ -35,11 +35,11 @@ import torch
 from torch import nn
 
 from ..constants import IMAGE_TOKEN_INDEX
-from ..runtime import resolve_device, resolve_dtype
 from ..model.config import EveConfig
 from ..model.eve import EveForCausalLM
 from ..processing.images import EveImageConfig, num_image_tokens_for_size, pixel_size
 from ..processing.presets import DEFAULT_PRESET, released_geometry, resolve_image_config
+from ..runtime import resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
 

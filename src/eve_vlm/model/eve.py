@@ -26,8 +26,8 @@ from .checkpoint import (
     official_geometry,
     read_aligning_weights,
     save_checkpoint,
-    stored_keys_with_prefix,
     stored_dtype,
+    stored_keys_with_prefix,
 )
 from .config import EveConfig
 from .decoder import Decoder, KVCache, RotaryEmbedding, rope_inv_freq
