@@ -23,7 +23,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -131,18 +131,20 @@ class _Row:
     done: bool = False
 
 
-class Batcher:
-    """Owns the model in one worker thread; `submit` from any thread or coroutine."""
+class ModelWorker:
+    """A request queue served by one thread that owns the model: the lifecycle and the admission
+    rules both schedulers share. Subclasses implement `_run` and decide what to queue."""
+
+    thread_name = "eve-worker"
 
     def __init__(
         self,
         model: EveForCausalLM,
         processor: Any,
         *,
-        max_batch_size: int = 8,
-        max_wait_ms: float = 5.0,
-        max_queue: int = 256,
-        eos_token_ids: list[int] | None = None,
+        max_batch_size: int,
+        max_queue: int,
+        eos_token_ids: list[int] | None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -150,20 +152,16 @@ class Batcher:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.max_batch_size = max_batch_size
-        self.max_wait = max_wait_ms / 1000
         self.max_queue = max_queue
         self.eos_token_ids = (
             eos_token_ids if eos_token_ids is not None else stopping.eos_token_ids(model.config, processor)
         )
         self.template_stops = list(getattr(processor, "stop_strings", []) or [])
         self.pad_id = int(processor.pad_token_id)
-        self._waiting: deque[tuple[tuple, Ticket]] = deque()
+        self._waiting: deque[Any] = deque()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._ids = itertools.count()
-        self.batches_run = 0
-        self.batch_sizes: list[int] = []
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -171,7 +169,7 @@ class Batcher:
             if self._thread is not None and self._thread.is_alive():
                 return
             self._stopping = False
-            self._thread = threading.Thread(target=self._run, name="eve-batcher", daemon=True)
+            self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
             self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -186,8 +184,12 @@ class Batcher:
     def queue_size(self) -> int:
         return len(self._waiting)
 
-    def submit(self, request: GenRequest) -> Ticket:
-        """Queue a request; events arrive on an asyncio queue when called inside a running loop."""
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def _enqueue(self, request: GenRequest, entry: Callable[[Ticket], Any] = lambda ticket: ticket) -> Ticket:
+        """A ticket for `request`, queued as `entry(ticket)`; events arrive on an asyncio queue when
+        called inside a running loop. A full queue raises QueueFullError."""
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
@@ -196,12 +198,38 @@ class Batcher:
         self.start()
         with self._cond:
             if len(self._waiting) >= self.max_queue:
-                raise QueueFullError(
-                    f"{len(self._waiting)} requests are waiting (max_queue={self.max_queue})"
-                )
-            self._waiting.append((batch_key(request.config, next(self._ids), request.ignore_eos), ticket))
+                raise QueueFullError(f"{len(self._waiting)} requests are waiting (max_queue={self.max_queue})")
+            self._waiting.append(entry(ticket))
             self._cond.notify_all()
         return ticket
+
+
+class Batcher(ModelWorker):
+    """Owns the model in one worker thread; `submit` from any thread or coroutine."""
+
+    thread_name = "eve-batcher"
+
+    def __init__(
+        self,
+        model: EveForCausalLM,
+        processor: Any,
+        *,
+        max_batch_size: int = 8,
+        max_wait_ms: float = 5.0,
+        max_queue: int = 256,
+        eos_token_ids: list[int] | None = None,
+    ) -> None:
+        super().__init__(model, processor, max_batch_size=max_batch_size, max_queue=max_queue,
+                         eos_token_ids=eos_token_ids)
+        self.max_wait = max_wait_ms / 1000
+        self._ids = itertools.count()
+        self.batches_run = 0
+        self.batch_sizes: list[int] = []
+
+    def submit(self, request: GenRequest) -> Ticket:
+        """Queue a request, grouped with others it can share a batch with."""
+        key = batch_key(request.config, next(self._ids), request.ignore_eos)
+        return self._enqueue(request, lambda ticket: (key, ticket))
 
     # ------------------------------------------------------------------ worker
     def _take_batch(self) -> list[Ticket] | None:

@@ -16,9 +16,7 @@ settings share steps, unlike the dynamic batcher.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -28,10 +26,9 @@ import torch
 from torch import Tensor
 
 from ..constants import IMAGE_TOKEN_INDEX
-from ..generate import stopping
 from ..generate.sampling import select_next
 from ..generate.text import TextDeltas
-from .batcher import Event, GenRequest, QueueFullError, Ticket
+from .batcher import Event, GenRequest, ModelWorker, Ticket
 from .kv_pool import SlotKVCache
 
 if TYPE_CHECKING:
@@ -58,8 +55,10 @@ class _Live:
     done_images: int = 0
 
 
-class ContinuousScheduler:
+class ContinuousScheduler(ModelWorker):
     """Same interface as `Batcher` (`submit`, `start`, `stop`, `queue_size`), scheduling per step."""
+
+    thread_name = "eve-scheduler"
 
     def __init__(
         self,
@@ -73,53 +72,21 @@ class ContinuousScheduler:
         request_timeout_s: float | None = None,
         eos_token_ids: list[int] | None = None,
     ) -> None:
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
-        self.model = model
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
-        self.max_batch_size = max_batch_size
-        self.max_queue = max_queue
+        super().__init__(model, processor, max_batch_size=max_batch_size, max_queue=max_queue,
+                         eos_token_ids=eos_token_ids)
         self.kv_capacity = kv_capacity
         self.prefill_chunk = prefill_chunk
         self.request_timeout_s = request_timeout_s
-        self.eos = set(eos_token_ids if eos_token_ids is not None else stopping.eos_token_ids(model.config, processor))
-        self.template_stops = list(getattr(processor, "stop_strings", []) or [])
-        self.pad_id = int(processor.pad_token_id)
+        self.eos = set(self.eos_token_ids)
         self.pool = SlotKVCache(max_batch_size, kv_capacity)
-        self._waiting: deque[Ticket] = deque()
         self._admitted: deque[_Live] = deque()  # slots reserved, prefill not started
         self._chunking: _Live | None = None  # a long prompt being prefilled chunk by chunk
         self._live: list[_Live] = []  # index == pool slot
-        self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._stopping = False
         self.steps_run = 0
         self.batch_sizes: list[int] = []  # running rows at each decoding step
         self.cancelled_rows = 0
-
-    # ------------------------------------------------------------------ lifecycle
-    def start(self) -> None:
-        with self._cond:
-            if self._thread is not None and self._thread.is_alive():
-                return
-            self._stopping = False
-            self._thread = threading.Thread(target=self._run, name="eve-scheduler", daemon=True)
-            self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-
-    @property
-    def queue_size(self) -> int:
-        return len(self._waiting)
 
     @property
     def running(self) -> int:
@@ -133,18 +100,7 @@ class ContinuousScheduler:
                 f"prompt ({request.prompt_tokens} tokens) plus max_tokens ({request.config.max_new_tokens}) "
                 f"exceeds the server's --kv-capacity of {self.kv_capacity} tokens per request"
             )
-        try:
-            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
-        ticket = Ticket(request, loop)
-        self.start()
-        with self._cond:
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFullError(f"{len(self._waiting)} requests are waiting (max_queue={self.max_queue})")
-            self._waiting.append(ticket)
-            self._cond.notify_all()
-        return ticket
+        return self._enqueue(request)
 
     # ------------------------------------------------------------------ the loop
     def _run(self) -> None:
