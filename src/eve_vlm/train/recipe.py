@@ -18,6 +18,8 @@ from .schedule import LR_SCHEDULES
 #   experts : v2 modality-specific copies              official: `moe_*`
 #   llm     : the decoder's text weights, embeddings, final norm and lm_head
 PARAM_GROUPS = ("vision", "aligner", "experts", "llm")
+# Experiment trackers a recipe can log to (`report_to`; train.tracking)
+REPORT_TO = ("tensorboard", "wandb")
 
 
 class RecipeError(ValueError):
@@ -111,6 +113,8 @@ class Recipe:
     seed: int = 0
     device: str = "auto"
     save_aligning_layer: bool = True
+    # experiment trackers, e.g. [tensorboard] or [tensorboard, wandb] (train.tracking); none by default
+    report_to: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         unknown = [g for g in self.trainable if g not in PARAM_GROUPS]
@@ -129,6 +133,11 @@ class Recipe:
             raise RecipeError(f"data.num_workers must be >= 0, got {self.data.num_workers}")
         if self.teacher.cache_mb < 0:
             raise RecipeError(f"teacher.cache_mb must be >= 0, got {self.teacher.cache_mb}")
+        if not isinstance(self.report_to, list) or not all(isinstance(t, str) for t in self.report_to):
+            raise RecipeError(f"report_to must be a list of tracker names from {list(REPORT_TO)}, got {self.report_to!r}")
+        bad = [t for t in self.report_to if t not in REPORT_TO]
+        if bad or len(set(self.report_to)) != len(self.report_to):
+            raise RecipeError(f"report_to: unknown or repeated trackers {bad or self.report_to}; known: {list(REPORT_TO)}")
         if self.distributed not in ("ddp", "fsdp"):
             raise RecipeError(f"distributed must be 'ddp' or 'fsdp', got {self.distributed!r}")
         if self.cpu_offload and self.distributed != "fsdp":

@@ -39,13 +39,14 @@ from .params import num_targets
 from .recipe import Recipe, RecipeError
 from .resume_check import recipe_differences
 from .state import TrainerState, TrainResult
+from .tracking import check_trackers, tracking_callbacks
 
 logger = logging.getLogger(__name__)
 
 
 class Trainer:
     """Trains `parts` as `recipe` says. `callbacks` come after the default ones (progress bar,
-    metrics log, loss plot, periodic checkpoints)."""
+    metrics log, loss plot, periodic checkpoints) and the trackers `recipe.report_to` selects."""
 
     def __init__(
         self,
@@ -59,7 +60,9 @@ class Trainer:
         self.parts = parts
         self.out = Path(recipe.output_dir)
         self.state = TrainerState()
-        self.callbacks: list[TrainerCallback] = [*default_callbacks(self.out, recipe.save_every, progress), *callbacks]
+        self.callbacks: list[TrainerCallback] = [
+            *default_callbacks(self.out, recipe.save_every, progress), *tracking_callbacks(recipe, self.out), *callbacks
+        ]
 
     @classmethod
     def from_recipe(
@@ -72,6 +75,7 @@ class Trainer:
         progress: bool = True,
     ) -> Trainer:
         """Build the parts from the recipe (continuing `model`/`processor` when given) and wire them."""
+        check_trackers(recipe.report_to)  # a missing tracker fails before the model is built
         return cls(recipe, build_training(recipe, model=model, processor=processor), callbacks=callbacks, progress=progress)
 
     # .................................................................. views of the parts
@@ -256,7 +260,7 @@ class Trainer:
             grad_norm = clip_gradients([q for qs in p.groups.values() for q in qs], max_norm)
         else:
             grad_norm = torch.tensor(0.0)
-        lr = p.scheduler.get_last_lr()[0]
+        lrs = p.scheduler.get_last_lr()
         p.optimizer.step()
         p.scheduler.step()
         p.optimizer.zero_grad(set_to_none=True)
@@ -274,7 +278,8 @@ class Trainer:
             "step": s.step,
             "loss": lm_loss + aligning * align_weight,
             "lm_loss": lm_loss,
-            "lr": lr,
+            "lr": lrs[0],
+            "lr_groups": {g.get("name", str(i)): lr for i, (g, lr) in enumerate(zip(p.optimizer.param_groups, lrs, strict=True))},
             "grad_norm": float(grad_norm),
             "tokens_per_s": stats[2].item() / seconds,
             "seconds": seconds,
