@@ -60,6 +60,7 @@ def make_scheduler(model: Any, processor: Any, settings: ServerSettings) -> Batc
             max_batch_size=settings.max_batch_size,
             max_wait_ms=settings.batch_wait_ms,
             max_queue=settings.max_queue,
+            request_timeout_s=settings.request_timeout_s,
         )
     return ContinuousScheduler(
         model,
@@ -243,7 +244,7 @@ class _Watch:
             self.metrics.e2e.observe(now - self.arrived)
             self.metrics.generation_tokens.inc(event.completion_tokens)
             self.metrics.requests.labels("finished").inc()
-        else:
+        elif event.kind == "error":
             self.metrics.requests.labels("timeout" if event.status == 504 else "error").inc()
 
     def cancelled(self) -> None:
@@ -272,13 +273,15 @@ async def _complete(
                 pieces.append(event.text)
             elif event.kind == "error":
                 return error_response(event.text, None, event.status)
-            else:
+            elif event.kind == "done":
                 final = event
     finally:
         guard.cancel()
         if ticket.cancelled and final is None:
             watch.cancelled()
         ticket.cancel()  # no-op when done; stops the row if the client went away
+    if final is None:  # the client went away (nginx's 499); nobody reads this answer
+        return error_response("client closed the request", None, 499)
     return JSONResponse(
         {
             "id": completion_id,

@@ -56,7 +56,7 @@ def batch_key(config: GenerationConfig, unique: int, ignore_eos: bool = False) -
 
 @dataclass
 class Event:
-    kind: str  # "delta", "done" or "error"
+    kind: str  # "delta", "done", "error", or "cancelled" (the server's own side hung up)
     text: str = ""
     finish_reason: str | None = None
     prompt_tokens: int = 0
@@ -94,7 +94,15 @@ class Ticket:
             self._sync_q.put(event)
 
     def cancel(self) -> None:
-        self.cancelled = True
+        """Stop the request: the worker drops its row at its next step, and a reader still waiting
+        on `events()` wakes up (the worker sends a cancelled row nothing more)."""
+        if not self.cancelled:
+            self.cancelled = True
+            self.push(Event("cancelled"))
+
+    def expired(self, timeout_s: float | None) -> bool:
+        """True once the request has been in the server (queued or running) longer than `timeout_s`."""
+        return timeout_s is not None and time.perf_counter() - self.enqueued > timeout_s
 
     async def events(self) -> AsyncIterator[Event]:
         assert self._async_q is not None, "submit from a running event loop to use events()"
@@ -217,14 +225,17 @@ class Batcher(ModelWorker):
         max_batch_size: int = 8,
         max_wait_ms: float = 5.0,
         max_queue: int = 256,
+        request_timeout_s: float | None = None,
         eos_token_ids: list[int] | None = None,
     ) -> None:
         super().__init__(model, processor, max_batch_size=max_batch_size, max_queue=max_queue,
                          eos_token_ids=eos_token_ids)
         self.max_wait = max_wait_ms / 1000
+        self.request_timeout_s = request_timeout_s
         self._ids = itertools.count()
         self.batches_run = 0
         self.batch_sizes: list[int] = []
+        self.cancelled_rows = 0  # rows dropped mid-batch because their client went away
 
     def submit(self, request: GenRequest) -> Ticket:
         """Queue a request, grouped with others it can share a batch with."""
@@ -251,7 +262,9 @@ class Batcher(ModelWorker):
             while self._waiting:
                 k, ticket = self._waiting.popleft()
                 if k == key and len(batch) < self.max_batch_size:
-                    if not ticket.cancelled:
+                    if ticket.expired(self.request_timeout_s) and not ticket.cancelled:
+                        ticket.push(self._timeout_event())
+                    elif not ticket.cancelled:
                         batch.append(ticket)
                 else:
                     rest.append((k, ticket))
@@ -317,6 +330,11 @@ class Batcher(ModelWorker):
                     continue
                 if row.ticket.cancelled:
                     row.done = True
+                    self.cancelled_rows += 1
+                    continue
+                if row.ticket.expired(self.request_timeout_s):
+                    row.done = True
+                    row.ticket.push(self._timeout_event())
                     continue
                 seq = res.sequences[i]
                 if i in finished:
@@ -333,6 +351,9 @@ class Batcher(ModelWorker):
                 self._finish(
                     row, res.sequences[i], res.finish_reasons[i] if i < len(res.finish_reasons) else "length"
                 )
+
+    def _timeout_event(self) -> Event:
+        return Event("error", f"request timed out after {self.request_timeout_s:g} s", status=504)
 
     def _emit(self, row: _Row, piece: str) -> None:
         if not row.started:

@@ -17,7 +17,6 @@ settings share steps, unlike the dynamic batcher.
 from __future__ import annotations
 
 import logging
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -144,7 +143,7 @@ class ContinuousScheduler(ModelWorker):
             self._decode_step()
 
     def _expired(self, row: _Live) -> bool:
-        return self.request_timeout_s is not None and time.perf_counter() - row.ticket.enqueued > self.request_timeout_s
+        return row.ticket.expired(self.request_timeout_s)
 
     def _drop_gone(self) -> None:
         """Free the slots of rows whose client disconnected or whose time ran out."""
