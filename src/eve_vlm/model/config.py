@@ -26,6 +26,9 @@ class ConfigError(ValueError):
 
 
 PATCH_ACTIVATIONS = ("none", "gelu")  # v1 patch conv: linear (official) or bias + GELU (ours)
+VISION_KINDS = ("patch", "encoder")  # EVE's patch embedding, or a pretrained encoder + projector
+EFFICIENTNET_ENCODER = "efficientnet-lite0"
+EFFICIENTNET_STAGES = ("stride8", "stride16", "stride32")  # model.teacher_efficientnet.STAGES
 
 
 # Keys Hugging Face writes into every config.json next to a model's own fields.
@@ -81,6 +84,18 @@ class EveConfig(PretrainedConfig):
     aligning_layer_rate: int = 4
     aligning_num_heads: int = 8
     teacher_hidden_size: int | None = None
+    # Where visual tokens come from: "patch" (EVE's encoder-free patch embedding) or "encoder" (the
+    # LLaVA-style baseline: a pretrained vision encoder + a 2-layer MLP projector; model.encoder_vision).
+    vision: str = "patch"
+    # The encoder of vision="encoder": "efficientnet-lite0" (the installed ImageNet weights) or the
+    # path of a local `transformers` vision model folder (CLIP, SigLIP).
+    vision_encoder: str = "efficientnet-lite0"
+    vision_encoder_stage: str = "stride16"  # EfficientNet-Lite0 feature map used as the token grid
+    vision_encoder_layer: int = -1  # transformers encoders: hidden-state index (-1: the last layer)
+    vision_encoder_trainable: bool = False  # frozen unless asked (recipes then train group "encoder")
+    # The transformers encoder's own config, recorded when the model is built so that a saved folder
+    # rebuilds it without the original encoder folder.
+    vision_encoder_config: dict[str, Any] | None = None
     # Official fields we do not use but keep so a converted config round-trips.
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -101,10 +116,28 @@ class EveConfig(PretrainedConfig):
             raise ConfigError(f"unknown patch_activation {self.patch_activation!r} (expected one of {PATCH_ACTIVATIONS})")
         if self.patch_activation != "none" and self.version != "v1":
             raise ConfigError("patch_activation applies to EVE v1 only (v2's patch embedding has its GELU)")
-        if self.version == "v1" and self.vision_hidden_size % self.vision_num_heads:
+        self._check_vision()
+        if self.version == "v1" and self.vision == "patch" and self.vision_hidden_size % self.vision_num_heads:
             raise ConfigError(
                 f"vision_hidden_size={self.vision_hidden_size} must be divisible by "
                 f"vision_num_heads={self.vision_num_heads}"
+            )
+
+    def _check_vision(self) -> None:
+        """The encoder-based baseline shares the decoder only: EVE's vision-side extras are errors."""
+        if self.vision not in VISION_KINDS:
+            raise ConfigError(f"unknown vision {self.vision!r} (expected one of {VISION_KINDS})")
+        if self.vision != "encoder":
+            return
+        if self.modality_experts:
+            raise ConfigError("vision='encoder' cannot have modality_experts (EVEv2's vision copies of the decoder)")
+        if self.patch_activation != "none":
+            raise ConfigError("vision='encoder' has no patch conv: patch_activation must be 'none'")
+        if not self.vision_encoder:
+            raise ConfigError("vision='encoder' needs vision_encoder ('efficientnet-lite0' or a model folder)")
+        if self.vision_encoder == EFFICIENTNET_ENCODER and self.vision_encoder_stage not in EFFICIENTNET_STAGES:
+            raise ConfigError(
+                f"unknown vision_encoder_stage {self.vision_encoder_stage!r} (expected one of {EFFICIENTNET_STAGES})"
             )
 
     def __eq__(self, other: object) -> bool:

@@ -31,6 +31,7 @@ from .checkpoint import (
 )
 from .config import EveConfig
 from .decoder import Decoder, KVCache, RotaryEmbedding, rope_inv_freq
+from .encoder_vision import EncoderVision
 from .vision import PatchEmbeddingV1, PatchEmbeddingV2, VisionOutput, build_projector, crop_official_layout
 
 logger = logging.getLogger(__name__)
@@ -41,9 +42,12 @@ class EveModel(Decoder):
 
     def __init__(self, config: EveConfig) -> None:
         super().__init__(config)
-        if config.version == "v1":
-            self.vision_tower: nn.Module = PatchEmbeddingV1(config)
-            self.mm_projector: nn.Module | None = build_projector(config)
+        if config.vision == "encoder":  # the encoder-based baseline (model.encoder_vision)
+            self.vision_tower: nn.Module = EncoderVision(config)
+            self.mm_projector: nn.Module | None = None
+        elif config.version == "v1":
+            self.vision_tower = PatchEmbeddingV1(config)
+            self.mm_projector = build_projector(config)
         else:
             self.vision_tower = PatchEmbeddingV2(config)
             self.mm_projector = None
@@ -108,7 +112,7 @@ class EveForCausalLM(PreTrainedModel, GenerationMixin):
     base_model_prefix = "model"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["DecoderLayer", "PatchEmbeddingV1", "PatchEmbeddingV2"]
+    _no_split_modules = ["DecoderLayer", "PatchEmbeddingV1", "PatchEmbeddingV2", "EncoderVision"]
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     # Training-only tensors of released and training checkpoints: read on request, never an error.
     _keys_to_ignore_on_load_unexpected = [r"^model\.vision_tower_compressor\.", r"^model\.vision_clip\.", r"rotary_emb\.inv_freq$"]
@@ -153,8 +157,8 @@ class EveForCausalLM(PreTrainedModel, GenerationMixin):
     # ------------------------------------------------------------------ aligning layer
     def attach_aligning_layer(self, teacher: Teacher, weights: dict[str, Tensor] | None = None) -> None:
         """Attach the v1 patch aligning layer (training only) supervised by a frozen teacher."""
-        if self.config.version != "v1":
-            raise ValueError("the patch aligning layer exists only for EVE v1")
+        if self.config.version != "v1" or self.config.vision != "patch":
+            raise ValueError("the patch aligning layer exists only for EVE v1 (not for the encoder-based model)")
         layer = PatchAligningLayer(
             self.config.hidden_size,
             teacher.hidden_size,

@@ -15,11 +15,14 @@ from .recipe import OptimSpec
 #   aligner : v1 patch aligning layer (training only)   official: vision_tower_compressor
 #   experts : v2 modality-specific copies               official: moe_*
 #   llm     : the decoder's text weights, embeddings, final norm and lm_head
+#   encoder : the pretrained vision encoder of a vision="encoder" model (frozen unless named)
 
 
 def param_group_of(name: str) -> str:
     if name.startswith("model.vision_tower_compressor."):
         return "aligner"
+    if name.startswith("model.vision_tower.encoder."):  # the encoder-based model's pretrained encoder
+        return "encoder"
     if name.startswith(("model.vision_tower.", "model.mm_projector.")):
         return "vision"
     if ".moe_" in name:
