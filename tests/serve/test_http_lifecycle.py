@@ -27,7 +27,9 @@ def _serve(tiny, scheduler: str, **settings):
     app = create_app(
         model,
         processor,
-        ServerSettings(model_name="tiny", scheduler=scheduler, limits=limits, kv_capacity=LONG + 256, **settings),
+        ServerSettings(
+            model_name="tiny", scheduler=scheduler, limits=limits, kv_capacity=LONG + 256, **settings
+        ),
     )
     return app, start_background_server(app)
 
@@ -91,7 +93,8 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(tiny, scheduler):
             with http.stream("POST", "/v1/chat/completions", json=_body(LONG, stream=True)) as resp:
                 assert resp.status_code == 200
                 for line in resp.iter_lines():
-                    if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                    chunk = json.loads(line[6:]) if line.startswith("data: ") else {}
+                    if chunk and chunk["choices"][0]["delta"].get("content"):
                         break  # tokens are flowing: hang up mid-stream
                 if scheduler == "continuous":  # the row joins the pool right after its first token
                     assert _wait_until(lambda: sched.running == 1)
