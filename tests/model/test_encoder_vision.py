@@ -207,3 +207,28 @@ def test_patch_models_are_unchanged():
     for key in [k for k in data if k.startswith("vision_encoder")] + ["vision"]:
         data.pop(key)
     assert EveConfig.from_dict(data) == config
+
+
+def test_llm_conversion_builds_the_baseline_with_the_pretrained_encoder(tmp_path):
+    """`convert_llm_folder(..., vision="encoder")`: the LLM's decoder, ImageNet EfficientNet, scaled tokens."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from eve_vlm.conversion import convert_llm_folder
+    from eve_vlm.model.teacher_efficientnet import EfficientNetTeacher
+    from eve_vlm.testing import make_tiny_tokenizer
+
+    tokenizer = make_tiny_tokenizer("v2", folder=tmp_path / "llm")
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path / "llm")
+    model, processor = convert_llm_folder(tmp_path / "llm", tmp_path / "eve", version="v2", vision="encoder")
+    loaded = EveForCausalLM.from_pretrained(tmp_path / "eve")
+    assert loaded.config.vision == "encoder" and not loaded.config.modality_experts
+    teacher = EfficientNetTeacher.from_installed("stride16").net
+    stem = loaded.model.vision_tower.encoder.stem.weight
+    assert torch.equal(stem, teacher._conv_stem.weight)
+    image = torch.randn(3, 64, 96)
+    assert loaded.model.encode_images([image]).lengths == [processor.num_image_tokens(image)]
+    tokens = loaded.model.encode_images([torch.randn(3, 128, 128)]).tokens.detach()
+    ratio = float(tokens.pow(2).mean().sqrt() / loaded.model.embed_tokens.weight.detach().pow(2).mean().sqrt())
+    assert 0.3 < ratio < 3.0

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..model.checkpoint import IGNORED_SUFFIXES, CheckpointError, read_state_dict
 from ..model.config import EveConfig, decoder_fields_from_hf
+from ..model.encoder_vision import find_encoder_vision, load_pretrained_encoder
 from ..model.eve import EveForCausalLM
 from ..processing.images import EveImageConfig, EveImageProcessor
 from ..processing.presets import released_geometry
@@ -47,7 +48,7 @@ def config_from_llm(llm_folder: str | Path, version: str, **overrides: Any) -> E
     data = json.loads((check_llm_folder(llm_folder) / "config.json").read_text())
     fields = decoder_fields_from_hf(data)
     fields.update(released_geometry(version).model_fields())
-    if version == "v2":
+    if version == "v2" and overrides.get("vision", "patch") == "patch":  # the encoder-based model has none
         fields["modality_experts"] = True
     fields["version"] = version
     fields.update(overrides)
@@ -104,6 +105,8 @@ def convert_llm(
         raise CheckpointError(f"LLM folder {llm_folder} lacks decoder weights: {missing[:20]}")
     if config.modality_experts:
         model.init_vision_experts_from_text()
+    if config.vision == "encoder":
+        load_pretrained_encoder(model)
     return model.to(dtype)
 
 
@@ -215,7 +218,9 @@ def match_visual_scale(model: EveForCausalLM, samples: int = 4) -> float:
     tokens = model.model.encode_images(images).tokens
     target = model.model.embed_tokens.weight.float().pow(2).mean().sqrt()
     factor = float(target / tokens.float().pow(2).mean().sqrt().clamp(min=1e-8))
-    if model.config.version == "v1":
+    if model.config.vision == "encoder":
+        find_encoder_vision(model).scale_output(factor)
+    elif model.config.version == "v1":
         last = [m for m in model.model.mm_projector.modules() if isinstance(m, torch.nn.Linear)][-1]
         last.weight.mul_(factor)
         last.bias.mul_(factor)
