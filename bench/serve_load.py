@@ -22,6 +22,7 @@ import base64
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -40,10 +41,14 @@ SHORT, LONG = 8, 128
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="model folder (default: the quickstart model, else a tiny one)")
+    p.add_argument(
+        "--model", default=None, help="model folder (default: the quickstart model, else a tiny one)"
+    )
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--burst", type=int, default=24, help="requests sent at once in part 1")
-    p.add_argument("--rates", default=None, help="Poisson rates in requests/s (default: from part 1's throughput)")
+    p.add_argument(
+        "--rates", default=None, help="Poisson rates in requests/s (default: from part 1's throughput)"
+    )
     p.add_argument("--per-rate", type=int, default=24, help="requests per Poisson rate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--schedulers", default="dynamic,continuous")
@@ -60,6 +65,7 @@ class Result:
     latency: float
     tokens: int
     kind: str
+    want: int = 0  # the request's max_tokens, which `ignore_eos` makes it generate
 
 
 def png(width: int, height: int, seed: int) -> str:
@@ -88,6 +94,12 @@ def body(kind: str, image: str | None, stream: bool, model: str) -> dict:
 
 
 def call(url: str, payload: dict, kind: str) -> Result:
+    result = _call(url, payload, kind)
+    result.want = payload["max_tokens"]
+    return result
+
+
+def _call(url: str, payload: dict, kind: str) -> Result:
     start = time.perf_counter()
     stream = payload["stream"]
     ttft, tokens = None, 0
@@ -147,6 +159,9 @@ def summary(results: list[Result], wall: float) -> dict:
     return {
         "ok": len(ok),
         "failed": len(results) - len(ok),
+        "long": sum(r.kind == "long" for r in results),
+        "short": sum(r.kind == "short" for r in results),
+        "cut": sum(r.tokens != r.want for r in ok),  # answers that did not run to max_tokens
         "req_s": len(ok) / wall,
         "tok_s": sum(r.tokens for r in ok) / wall,
         **{f"ttft_p{q}": pct(ttft, q) for q in (50, 95, 99)},
@@ -170,7 +185,12 @@ def start_server(model: str, scheduler: str, batch: int, threads: int) -> tuple[
         "--device", "cpu", "--dtype", "float32", "--max-queue", "1024",
     ]  # fmt: skip
     proc = subprocess.Popen(
-        cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True
+        cmd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -200,13 +220,27 @@ def short_behind_long_jobs(batch: int, name: str) -> list[tuple[float, dict, str
 
 
 def poisson_jobs(rate: float, n: int, name: str, rng: random.Random) -> list[tuple[float, dict, str]]:
+    """Poisson arrivals whose mix is fixed, not drawn: a third long answers, each image size (and no
+    image) in turn, half streamed, each list shuffled on its own. Independent coin flips per request
+    can leave a small run with no long answer at all (seed 0 with 8 requests draws 8 short ones)."""
+
+    def mixed(cycle: list, k: int) -> list:
+        out = [cycle[i % len(cycle)] for i in range(k)]
+        rng.shuffle(out)
+        return out
+
+    kinds = mixed(["long", "short", "short"], n)
+    images = mixed([None, *IMAGES], n)
+    streams = mixed([True, False], n)
     jobs, t = [], 0.0
-    for _ in range(n):
+    for kind, image, stream in zip(kinds, images, streams, strict=True):
         t += rng.expovariate(rate)
-        kind = "long" if rng.random() < 0.3 else "short"
-        image = rng.choice([None, *IMAGES])
-        jobs.append((t, body(kind, image, rng.random() < 0.5, name), kind))
+        jobs.append((t, body(kind, image, stream, name), kind))
     return jobs
+
+
+def progress(scheduler: str, load: str, s: dict) -> None:
+    print(f"  {scheduler} {load}: {s['ok']} ok, {s['failed']} failed, {s['tok_s']:.1f} tok/s", flush=True)
 
 
 def main() -> int:
@@ -228,23 +262,32 @@ def main() -> int:
     rates: list[float] | None = [float(r) for r in args.rates.split(",")] if args.rates else None
     # Both servers stay up and take turns part by part, so a shared machine's changing load hits
     # both alike; only one of them works at a time.
-    servers = {s: start_server(model, s, args.max_batch_size, args.threads) for s in schedulers}
+    # A SIGTERM (`timeout`) unwinds like Ctrl-C, so the servers below are stopped, not orphaned.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    servers: dict[str, tuple[subprocess.Popen, str, str]] = {}
     try:
+        for scheduler in schedulers:
+            servers[scheduler] = start_server(model, scheduler, args.max_batch_size, args.threads)
         for _, url, name in servers.values():
             call(url, body("short", IMAGES[0], False, name), "warm-up")
         for scheduler, (_, url, name) in servers.items():
             res, wall = run_schedule(url, burst_jobs(args.burst, name, random.Random(args.seed)))
             table[scheduler]["burst"] = summary(res, wall)
+            progress(scheduler, "burst", table[scheduler]["burst"])
         for scheduler, (_, url, name) in servers.items():
             res, wall = run_schedule(url, short_behind_long_jobs(args.max_batch_size, name))
             table[scheduler]["short-behind-long"] = summary([r for r in res if r.kind == "short"], wall)
+            progress(scheduler, "short-behind-long", table[scheduler]["short-behind-long"])
         if rates is None:  # fractions of what the first scheduler sustains on the burst
             base = table[schedulers[0]]["burst"]["req_s"]
             rates = [round(base * f, 2) for f in (0.5, 1.0, 2.0)]
         for rate in rates:
             for scheduler, (_, url, name) in servers.items():
-                res, wall = run_schedule(url, poisson_jobs(rate, args.per_rate, name, random.Random(args.seed)))
+                res, wall = run_schedule(
+                    url, poisson_jobs(rate, args.per_rate, name, random.Random(args.seed))
+                )
                 table[scheduler][f"poisson {rate:g}/s"] = summary(res, wall)
+                progress(scheduler, f"poisson {rate:g}/s", table[scheduler][f"poisson {rate:g}/s"])
         for _, url, _ in servers.values():
             metrics = httpx.get(url + "/metrics", timeout=10).text
             assert "eve:time_to_first_token_seconds_bucket" in metrics, "no TTFT histogram at /metrics"
@@ -252,15 +295,21 @@ def main() -> int:
         for proc, _, _ in servers.values():
             proc.terminate()
             proc.wait(30)
-    print("\n| scheduler | load | ok/failed | req/s | gen tok/s | TTFT p50 / p95 / p99 (s) | latency p50 / p95 / p99 (s) |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "\n| scheduler | load | long/short | ok/failed | req/s | gen tok/s | TTFT p50 / p95 / p99 (s) "
+        "| latency p50 / p95 / p99 (s) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for scheduler, rows in table.items():
         for load, s in rows.items():
             print(
-                f"| {scheduler} | {load} | {s['ok']}/{s['failed']} | {s['req_s']:.2f} | {s['tok_s']:.1f} | "
-                f"{s['ttft_p50']:.2f} / {s['ttft_p95']:.2f} / {s['ttft_p99']:.2f} | "
+                f"| {scheduler} | {load} | {s['long']}/{s['short']} | {s['ok']}/{s['failed']} | {s['req_s']:.2f} | "
+                f"{s['tok_s']:.1f} | {s['ttft_p50']:.2f} / {s['ttft_p95']:.2f} / {s['ttft_p99']:.2f} | "
                 f"{s['lat_p50']:.2f} / {s['lat_p95']:.2f} / {s['lat_p99']:.2f} |"
             )
+    cut = {f"{sch} {load}": s["cut"] for sch, rows in table.items() for load, s in rows.items() if s["cut"]}
+    if cut:
+        print(f"\nWARNING: answers shorter than their max_tokens (ignore_eos should prevent it): {cut}")
     if {"dynamic", "continuous"} <= set(table):
         d, c = table["dynamic"], table["continuous"]
         print(
