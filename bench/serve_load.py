@@ -193,7 +193,7 @@ def start_server(model: str, scheduler: str, batch: int, threads: int) -> tuple[
         text=True,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 600  # a loaded machine loads the model slowly
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"eve serve exited with code {proc.returncode}")
@@ -203,7 +203,7 @@ def start_server(model: str, scheduler: str, batch: int, threads: int) -> tuple[
         except httpx.HTTPError:
             time.sleep(0.5)
     proc.kill()
-    raise RuntimeError("eve serve did not start within 180 s")
+    raise RuntimeError("eve serve did not start within 600 s")
 
 
 # ---------------------------------------------------------------------- the parts

@@ -117,12 +117,12 @@ def _validation_error(exc: ValidationError) -> JSONResponse:
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise RequestError(f"request body is {declared} bytes; the limit is {limit}", "body", 413)
+        raise RequestError(f"request body is {declared} bytes; the limit is {limit} (--max-body-mb)", "body", 413)
     body = bytearray()
     async for chunk in request.stream():
         body.extend(chunk)
         if len(body) > limit:
-            raise RequestError(f"request body exceeds the limit of {limit} bytes", "body", 413)
+            raise RequestError(f"request body exceeds the limit of {limit} bytes (--max-body-mb)", "body", 413)
     return bytes(body)
 
 

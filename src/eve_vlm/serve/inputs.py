@@ -139,7 +139,8 @@ def _sampling(req: ChatCompletionRequest, limits: ServerLimits) -> GenerationCon
     if max_new > limits.max_output_tokens:
         field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         raise RequestError(
-            f"{field}={max_new} exceeds this server's limit of {limits.max_output_tokens}", field
+            f"{field}={max_new} exceeds this server's limit of {limits.max_output_tokens} (--max-output-tokens)",
+            field,
         )
     temperature = req.temperature or 0.0
     return GenerationConfig(
@@ -189,7 +190,8 @@ def build_request(req: ChatCompletionRequest, processor: Any, limits: ServerLimi
         )
     if len(sources) > limits.max_images:
         raise RequestError(
-            f"{len(sources)} images sent; this server accepts at most {limits.max_images}", "messages"
+            f"{len(sources)} images sent; this server accepts at most {limits.max_images} (--max-images)",
+            "messages",
         )
     if not messages or messages[-1]["role"] != "user":
         raise RequestError("the last message must come from the user", "messages")
@@ -212,7 +214,8 @@ def build_request(req: ChatCompletionRequest, processor: Any, limits: ServerLimi
     prompt_tokens = len(ids) - len(pixels) + sum(int(processor.num_image_tokens(p)) for p in pixels)
     if prompt_tokens > limits.max_prompt_tokens:
         raise RequestError(
-            f"prompt is {prompt_tokens} tokens (images included); this server accepts at most {limits.max_prompt_tokens}",
+            f"prompt is {prompt_tokens} tokens (images included); this server accepts at most "
+            f"{limits.max_prompt_tokens} (--max-prompt-tokens)",
             "messages",
         )
     assert sum(1 for t in ids if t == IMAGE_TOKEN_INDEX) == len(pixels)
