@@ -232,3 +232,62 @@ def test_llm_conversion_builds_the_baseline_with_the_pretrained_encoder(tmp_path
     tokens = loaded.model.encode_images([torch.randn(3, 128, 128)]).tokens.detach()
     ratio = float(tokens.pow(2).mean().sqrt() / loaded.model.embed_tokens.weight.detach().pow(2).mean().sqrt())
     assert 0.3 < ratio < 3.0
+
+
+# ---------------------------------------------------------------------- recipes
+def _recipe(out, *overrides):
+    from eve_vlm.train import Recipe
+    from eve_vlm.train.catalog import recipes_root
+
+    return Recipe.load(recipes_root() / "tiny/eve_v2/3_sft.yaml",
+                       [f"output_dir={out}", "model.vision=encoder", "trainable=[vision, llm]", *overrides])
+
+
+@pytest.mark.slow
+def test_a_recipe_trains_the_baseline_with_its_encoder_frozen(tmp_path):
+    import json
+
+    from eve_vlm.model.teacher_efficientnet import EfficientNetTeacher
+    from eve_vlm.train import Trainer
+
+    trainer = Trainer.from_recipe(_recipe(tmp_path, "max_steps=8"), progress=False)
+    model = trainer.model
+    assert model.config.vision == "encoder" and not model.config.modality_experts
+    encoder = model.model.vision_tower.encoder
+    pretrained = EfficientNetTeacher.from_installed("stride16").net
+    assert torch.equal(encoder.stem.weight, pretrained._conv_stem.weight)  # the real encoder, not random
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    projector = model.model.vision_tower.projector[0].weight.detach().clone()
+    trainer.train()
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert sum(losses[-3:]) < sum(losses[:3]), losses
+    final = EveForCausalLM.from_pretrained(tmp_path / "final")
+    assert final.config.vision == "encoder"
+    after = final.model.vision_tower.encoder.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    assert not torch.equal(final.model.vision_tower.projector[0].weight, projector)
+
+
+def test_recipe_vision_is_strict(tmp_path):
+    from eve_vlm.train import Recipe, RecipeError
+    from eve_vlm.train.catalog import recipes_root
+
+    assert _recipe(tmp_path).model.vision == "encoder"
+    with pytest.raises(RecipeError, match="model.vision must be one of"):
+        _recipe(tmp_path, "model.vision=clip")
+    with pytest.raises(RecipeError, match="teacher.kind must be none"):
+        Recipe.load(recipes_root() / "tiny/eve_v1/1_prealign.yaml", ["model.vision=encoder"])
+    with pytest.raises(RecipeError, match="model.vision must be one of"):
+        _recipe(tmp_path, "model.vision=[encoder]")
+    assert "encoder" not in Recipe().trainable  # a recipe trains a pretrained encoder only when it names it
+
+
+def test_recipe_vision_must_match_the_checkpoint(tmp_path, effnet_folder):
+    from eve_vlm.train import RecipeError
+    from eve_vlm.train.builder import build_model_and_processor
+
+    patch = make_tiny_checkpoint(tmp_path / "patch", "v2")
+    with pytest.raises(RecipeError, match="holds a vision='patch' model"):
+        build_model_and_processor(_recipe(tmp_path, f"model.init={patch}", "model.tiny=false"))
+    model, _ = build_model_and_processor(_recipe(tmp_path, f"model.init={effnet_folder}", "model.tiny=false"))
+    assert model.config.vision == "encoder"

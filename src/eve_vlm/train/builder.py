@@ -32,7 +32,7 @@ from ..runtime import resolve_device, resolve_dtype
 from .checkpointing import seed_everything
 from .distributed import DistInfo, barrier, init_distributed, wrap_model
 from .params import build_optimizer, set_trainable
-from .recipe import Recipe, RecipeError
+from .recipe import ModelSpec, Recipe, RecipeError
 from .schedule import LrSchedule
 
 logger = logging.getLogger(__name__)
@@ -84,10 +84,12 @@ def build_model_and_processor(recipe: Recipe, dist: DistInfo = DistInfo()) -> tu
 
         return convert_llm_folder(
             spec.init, None, version=spec.version, vision_hidden_size=spec.vision_hidden_size,
-            resolution=spec.resolution, template=spec.template, seed=recipe.seed, **spec.extra,
+            resolution=spec.resolution, template=spec.template, seed=recipe.seed, **new_model_fields(spec),
         )
     if spec.init:
         model = EveForCausalLM.from_pretrained(spec.init, keep_training_weights=True)
+        if spec.vision and model.config.vision != spec.vision:
+            raise RecipeError(f"model.vision is {spec.vision} but {spec.init} holds a vision={model.config.vision!r} model")
         processor = EveProcessor.from_pretrained(spec.init, template=spec.template)
         if spec.resolution:  # e.g. v1 672 -> 1344 for the HD fine-tune (same weights)
             cfg = processor.image_processor.config
@@ -98,9 +100,22 @@ def build_model_and_processor(recipe: Recipe, dist: DistInfo = DistInfo()) -> tu
 
     folder = Path(recipe.output_dir) / "init-tiny"
     if dist.main and not (folder / "config.json").is_file():
-        make_tiny_checkpoint(folder, spec.version, seed=recipe.seed, flavour="training", **spec.extra)
+        make_tiny_checkpoint(folder, spec.version, seed=recipe.seed, flavour="training", **new_model_fields(spec))
     barrier(dist)  # other ranks must not read a half-written folder
-    return EveForCausalLM.from_pretrained(folder), EveProcessor.from_pretrained(folder, template=spec.template)
+    model = EveForCausalLM.from_pretrained(folder)
+    if model.config.vision == "encoder":  # the tiny decoder gets the real pretrained encoder
+        from ..model.encoder_vision import load_pretrained_encoder
+
+        load_pretrained_encoder(model)
+    return model, EveProcessor.from_pretrained(folder, template=spec.template)
+
+
+def new_model_fields(spec: ModelSpec) -> dict[str, Any]:
+    """EveConfig overrides of a new (tiny or converted) model: `extra`, and `vision` (the
+    encoder-based model has no modality experts)."""
+    if spec.vision != "encoder":
+        return dict(spec.extra)
+    return {"vision": "encoder", "modality_experts": False, **spec.extra}
 
 
 def build_teacher(recipe: Recipe, previous: Any = None) -> Any:
@@ -232,6 +247,8 @@ def build_training(recipe: Recipe, *, model: EveForCausalLM | None = None, proce
         n = model.init_vision_experts_from_text()
         logger.info("initialised %d vision-copy tensors from the text weights", n)
     trainable = list(recipe.trainable)
+    if model.config.vision == "encoder" and model.config.vision_encoder_trainable and "encoder" not in trainable:
+        trainable.append("encoder")  # the config asks for a trainable encoder
     teacher = build_teacher(recipe, model.teacher)
     if teacher is not None:
         # continue the aligning layer of an earlier stage, or the one the checkpoint carried

@@ -17,7 +17,11 @@ from .schedule import LR_SCHEDULES
 #   aligner : v1 patch aligning layer (training only)  official: `vision_tower_compressor`
 #   experts : v2 modality-specific copies              official: `moe_*`
 #   llm     : the decoder's text weights, embeddings, final norm and lm_head
-PARAM_GROUPS = ("vision", "aligner", "experts", "llm")
+#   encoder : the pretrained vision encoder of a `model.vision: encoder` model
+PARAM_GROUPS = ("vision", "aligner", "experts", "llm", "encoder")
+# What a recipe trains when it names nothing: every group but a pretrained encoder.
+DEFAULT_TRAINABLE = ("vision", "aligner", "experts", "llm")
+VISION_KINDS = ("patch", "encoder")  # model.vision: EVE's patch embedding or a pretrained encoder
 # Experiment trackers a recipe can log to (`report_to`; train.tracking)
 REPORT_TO = ("tensorboard", "wandb")
 
@@ -36,6 +40,9 @@ class ModelSpec:
     resolution: int | None = None  # v1 image_size / v2 max_size
     template: str | None = None
     init_vision_experts_from_text: bool = False  # EVEv2 stage 0 -> 1 copy, before training
+    # patch | encoder (the LLaVA-style baseline, model.encoder_vision; its encoder fields go in
+    # `extra`); None: the checkpoint's, or patch for a new model
+    vision: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # EveConfig overrides (tiny / conversion)
 
 
@@ -93,7 +100,7 @@ class Recipe:
     data: DataSpec = field(default_factory=DataSpec)
     teacher: TeacherSpec = field(default_factory=TeacherSpec)
     optim: OptimSpec = field(default_factory=OptimSpec)
-    trainable: list[str] = field(default_factory=lambda: list(PARAM_GROUPS))
+    trainable: list[str] = field(default_factory=lambda: list(DEFAULT_TRAINABLE))
     # parameter-name patterns (fnmatch) kept frozen inside the trainable groups, e.g. the tied
     # embedding / output head ["model.embed_tokens.*", "lm_head.*"]: saves its gradient and Adam update
     freeze: list[str] = field(default_factory=list)
@@ -129,6 +136,12 @@ class Recipe:
             )
         if self.teacher.kind not in ("none", "clip", "efficientnet", "random_clip"):
             raise RecipeError(f"unknown teacher kind {self.teacher.kind!r}")
+        if self.model.vision is not None and self.model.vision not in VISION_KINDS:
+            raise RecipeError(f"model.vision must be one of {list(VISION_KINDS)}, got {self.model.vision!r}")
+        if self.model.vision == "encoder" and self.teacher.kind != "none":
+            raise RecipeError("model.vision: encoder has no patch aligning layer: teacher.kind must be none")
+        if self.model.vision == "encoder" and self.model.init_vision_experts_from_text:
+            raise RecipeError("model.vision: encoder has no modality experts (init_vision_experts_from_text)")
         if self.data.num_workers < 0:
             raise RecipeError(f"data.num_workers must be >= 0, got {self.data.num_workers}")
         if self.teacher.cache_mb < 0:
