@@ -291,3 +291,36 @@ def test_recipe_vision_must_match_the_checkpoint(tmp_path, effnet_folder):
         build_model_and_processor(_recipe(tmp_path, f"model.init={patch}", "model.tiny=false"))
     model, _ = build_model_and_processor(_recipe(tmp_path, f"model.init={effnet_folder}", "model.tiny=false"))
     assert model.config.vision == "encoder"
+
+
+# ---------------------------------------------------------------------- serving and evaluation
+def test_serve_and_eval_run_the_baseline_unchanged(effnet_folder, tmp_path):
+    """`eve serve` and `eve eval` load it through the same public interface as EVE models."""
+    import base64
+    import json
+    from pathlib import Path
+
+    from fastapi.testclient import TestClient
+
+    from eve_vlm.cli import main
+    from eve_vlm.loading import load_for_inference
+    from eve_vlm.serve import ServerSettings, create_app
+
+    model, processor = load_for_inference(effnet_folder, device="cpu")
+    png = make_png(48, 32, (200, 30, 30), 0)
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                     {"type": "text", "text": "What is this?"}]}], "max_tokens": 6}
+    with TestClient(create_app(model, processor, ServerSettings(model_name="encoder"))) as client:
+        resp = client.post("/v1/chat/completions", json=body)
+    assert resp.status_code == 200
+    expected = answer(model, processor, ["<image>\nWhat is this?"], [[png]], max_new_tokens=6)[0]
+    assert resp.json()["choices"][0]["message"]["content"] == expected
+
+    pope = Path(__file__).resolve().parents[1] / "eval" / "fixtures" / "benchmarks" / "pope"
+    out = tmp_path / "eval"
+    argv = ["eval", "--model", str(effnet_folder), "--benchmark", "pope", "--data", str(pope), "--limit", "2",
+            "--out", str(out), "--max-new-tokens", "3", "--device", "cpu"]
+    assert main(argv) == 0
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 2
+    assert json.loads((out / "results.json").read_text())["num_missing"] == 0
