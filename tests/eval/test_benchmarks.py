@@ -502,9 +502,9 @@ def test_lmms_loglikelihood_matches_hand_computation():
     proc = lm.processor
     ctx0 = proc.apply_chat_template([{"role": "user", "content": "<image>\nWhat is it?"}])
     assert ctx0.endswith("USER: <image>\nWhat is it? ASSISTANT:")
-    assert res[0][0] == pytest.approx(_expected_logprob(lm.model, proc, ctx0, ctx0 + " A cat"), rel=1e-5)
+    assert -res[0][0] == pytest.approx(_expected_logprob(lm.model, proc, ctx0, ctx0 + " A cat"), rel=1e-5)
     ctx1 = proc.apply_chat_template([{"role": "user", "content": "Say hi"}])
-    assert res[1][0] == pytest.approx(_expected_logprob(lm.model, proc, ctx1, ctx1 + " hi"), rel=1e-5)
+    assert -res[1][0] == pytest.approx(_expected_logprob(lm.model, proc, ctx1, ctx1 + " hi"), rel=1e-5)
     assert all(isinstance(g, bool) for _, g in res)
 
     # The greedy flag is true exactly when every continuation token (" z": the template's space,
@@ -514,7 +514,7 @@ def test_lmms_loglikelihood_matches_hand_computation():
         lm.model.table[ord(" "), ord("z")] = 100.0
     res = lm.loglikelihood([Req("Q", "z", visual, 1, "t", "test"), Req("Q", "y", visual, 1, "t", "test")])
     assert [g for _, g in res] == [True, False]
-    assert res[0][0] > -1e-3 and res[1][0] < -50
+    assert res[0][0] < 1e-3 and res[1][0] > 50  # negative log-likelihoods
 
 
 def test_lmms_generate_until_batches_and_cuts_at_stop_strings():
@@ -603,7 +603,7 @@ def test_lmms_loglikelihood_agrees_with_the_model_loss(tiny_ckpt):
     lm = EveLMM(model=model, processor=proc)
     img = Image.new("RGB", (40, 24), (200, 30, 30))
     lm.task_dict = {"t": {"test": [{"img": img}]}}
-    ((logprob, _),) = lm.loglikelihood(
+    ((nll, _),) = lm.loglikelihood(
         [Req("What is in the image?", " A red circle", lambda d: [d["img"]], 0, "t", "test")]
     )
 
@@ -620,4 +620,4 @@ def test_lmms_loglikelihood_agrees_with_the_model_loss(tiny_ckpt):
             labels=labels,
         )
     assert ref.num_label_tokens == enc["input_ids"].shape[1] - enc_ctx["input_ids"].shape[1] > 0
-    assert logprob == pytest.approx(-float(ref.lm_loss_sum), rel=1e-4)
+    assert nll == pytest.approx(float(ref.lm_loss_sum), rel=1e-4)

@@ -4,11 +4,11 @@ lmms-eval hands over `Instance` requests whose `.args` are
 `(context, gen_kwargs, doc_to_visual, doc_id, task, split)` for `generate_until` and
 `(context, continuation_or_doc_to_target, doc_to_visual, doc_id, task, split)` for
 `loglikelihood`; the document is `self.task_dict[task][split][doc_id]` (filled by the evaluator).
-lmms-eval itself is optional: without it the class has the same interface on a plain base, so
-it can be driven (and tested) with any objects carrying `.args`.
 
-Register it with lmms-eval through the entry point group "lmms_eval.models" pointing at
-`lmms_eval_manifest` (see docs/evaluation.md), then `lmms-eval --model eve --model_args pretrained=PATH`.
+The class subclasses lmms-eval's own `lmms` base, so this module needs lmms-eval installed (the
+`lmms` extra). The package registers it with lmms-eval's model registry through the entry point
+group "lmms_eval.models" (`lmms_eval_manifest`), so
+`lmms-eval --model eve --model_args pretrained=PATH --tasks ...` finds it (docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -17,30 +17,25 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from eve_vlm.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER
+import torch
+
+from eve_vlm.constants import IGNORE_INDEX
+from eve_vlm.generate import with_image_placeholders
+from eve_vlm.loading import load_for_inference
+
+try:
+    from lmms_eval.api.instance import Instance
+    from lmms_eval.api.model import lmms
+except ImportError as e:  # a clear message instead of a bare ModuleNotFoundError deep in lmms-eval
+    raise ImportError(
+        "eve_vlm.eval.lmms_adapter needs lmms-eval: pip install 'eve-vlm[lmms]' "
+        "(./install.sh --dev installs it without its CUDA-torch dependencies)"
+    ) from e
 
 logger = logging.getLogger(__name__)
 
-try:  # pragma: no cover - depends on the optional package
-    from lmms_eval.api.model import lmms as _LmmsBase
-except ImportError:  # lmms-eval is optional
-
-    class _LmmsBase:  # type: ignore[no-redef]
-        """Stand-in for `lmms_eval.api.model.lmms` (rank 0 of 1, empty task_dict)."""
-
-        def __init__(self) -> None:
-            self._rank = 0
-            self._world_size = 1
-            self.task_dict: dict[str, Any] = {}
-
-        @property
-        def rank(self) -> int:
-            return self._rank
-
-        @property
-        def world_size(self) -> int:
-            return self._world_size
-
+MODEL_ID = "eve"
+"""The name lmms-eval knows the adapter by (`--model eve`)."""
 
 AnswerFn = Callable[..., list[str]]
 """`eve_vlm.generate.answer`'s signature: (model, processor, prompts, images, *, max_new_tokens)."""
@@ -64,7 +59,17 @@ def _cut_at_stops(text: str, stops: Sequence[str]) -> str:
     return text
 
 
-class EveLMM(_LmmsBase):
+def _batch_size(value: int | str) -> int:
+    """lmms-eval passes `--batch_size` through as given ("8", "auto", "auto:4"): auto means 1 here."""
+    text = str(value).strip()
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    if text.startswith("auto"):
+        return 1
+    raise ValueError(f"batch_size must be a positive integer or 'auto', got {value!r}")
+
+
+class EveLMM(lmms):
     """lmms-eval model interface for EVE: greedy `generate_until` and exact `loglikelihood`."""
 
     is_simple = True
@@ -77,27 +82,25 @@ class EveLMM(_LmmsBase):
         processor: Any = None,
         batch_size: int | str = 1,
         max_new_tokens: int = 128,
-        device: str | None = None,
+        device: str | None = "auto",
+        dtype: str | None = "auto",
         answer_fn: AnswerFn | None = None,
         **kwargs: Any,
     ) -> None:
+        """`pretrained` is a checkpoint folder, loaded by `eve_vlm.loading.load_for_inference`
+        (`device` / `dtype` "auto": CUDA + bfloat16 when present, else CPU + float32); or pass a
+        loaded `model` and `processor`. `answer_fn` replaces `eve_vlm.generate.answer`."""
         super().__init__()
-        if not hasattr(self, "task_dict"):
-            self.task_dict = {}
+        kwargs.pop("max_batch_size", None)  # lmms-eval's evaluator passes it to every model
         if kwargs:
             logger.warning("EveLMM ignores unknown model_args: %s", sorted(kwargs))
         if model is None or processor is None:
             if pretrained is None:
                 raise ValueError("EveLMM needs `pretrained=PATH` or both `model` and `processor`")
-            from eve_vlm import EveForCausalLM, EveProcessor
-
-            model = EveForCausalLM.from_pretrained(pretrained)
-            processor = EveProcessor.from_pretrained(pretrained)
-        if device is not None:
-            model = model.to(device)
+            model, processor = load_for_inference(pretrained, device or "auto", dtype or "auto")
         self.model = model.eval() if hasattr(model, "eval") else model
         self.processor = processor
-        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 1  # lmms-eval may pass "auto"
+        self.batch_size = _batch_size(batch_size)
         self.max_new_tokens = int(max_new_tokens)
         self._answer_fn = answer_fn
 
@@ -122,15 +125,12 @@ class EveLMM(_LmmsBase):
         visuals = _flatten_visuals(doc_to_visual(self._doc(task, split, doc_id)))
         return [v.convert("RGB") if hasattr(v, "convert") else v for v in visuals]
 
-    @staticmethod
-    def _user_message(context: str, n_images: int) -> str:
-        """Put one placeholder per image in front unless the task already placed them (as LLaVA does)."""
-        if n_images and IMAGE_PLACEHOLDER not in context:
-            return " ".join([IMAGE_PLACEHOLDER] * n_images) + "\n" + context
-        return context
+    def _device(self) -> torch.device:
+        params = self.model.parameters() if hasattr(self.model, "parameters") else iter(())
+        return next(params, torch.empty(0)).device
 
     # ------------------------------------------------------------------ lmms interface
-    def generate_until(self, requests: Sequence[Any]) -> list[str]:
+    def generate_until(self, requests: Sequence[Instance]) -> list[str]:
         """Greedy answers, batched through `eve_vlm.generate.answer`, cut at the `until` strings."""
         prepared = []
         for req in requests:
@@ -142,7 +142,7 @@ class EveLMM(_LmmsBase):
             until = [until] if isinstance(until, str) else list(until)
             visuals = self._visuals(doc_to_visual, task, split, doc_id)
             max_new = int(gen_kwargs.get("max_new_tokens") or self.max_new_tokens)
-            prepared.append((self._user_message(context, len(visuals)), visuals, max_new, until))
+            prepared.append((with_image_placeholders(context, len(visuals)), visuals, max_new, until))
 
         results: list[str | None] = [None] * len(prepared)
         groups: dict[int, list[int]] = {}
@@ -158,20 +158,22 @@ class EveLMM(_LmmsBase):
                     results[i] = _cut_at_stops(text, prepared[i][3])
         return [r if r is not None else "" for r in results]
 
-    def loglikelihood(self, requests: Sequence[Any]) -> list[tuple[float, bool]]:
-        """(sum of log-probs of the continuation, whether greedy decoding would produce it).
+    def loglikelihood(self, requests: Sequence[Instance]) -> list[tuple[float, bool]]:
+        """(negative log-likelihood of the continuation, whether greedy decoding would produce it).
 
-        The continuation is the assistant answer of the chat template (without the round-end
-        token). One request per forward: with images, spliced lengths differ per sample.
+        The first value is a loss (-sum of the continuation tokens' log-probs, lower is likelier)
+        because lmms-eval's `multiple_choice` scoring picks the choice with `argmin`, the
+        convention of its own models. The continuation is the assistant answer of the chat
+        template (without the round-end token). One request per forward: with images, spliced
+        lengths differ per sample.
         """
-        import torch
-
         out: list[tuple[float, bool]] = []
+        device = self._device()
         for req in requests:
             context, target, doc_to_visual, doc_id, task, split = req.args
             continuation = target if isinstance(target, str) else target(self._doc(task, split, doc_id))
             visuals = self._visuals(doc_to_visual, task, split, doc_id)
-            ctx_text, full_text = self._render(self._user_message(context, len(visuals)), continuation)
+            ctx_text, full_text = self._render(with_image_placeholders(context, len(visuals)), continuation)
             images = visuals or None
             ctx = self.processor(ctx_text, images, padding_side="right")
             full = self.processor(full_text, images, padding_side="right")
@@ -181,7 +183,6 @@ class EveLMM(_LmmsBase):
                 raise ValueError(f"continuation {continuation!r} does not extend the context's tokens")
             labels = ids.clone()
             labels[:, : ids.shape[1] - n_cont] = IGNORE_INDEX
-            device = next(self.model.parameters()).device if hasattr(self.model, "parameters") else "cpu"
             with torch.inference_mode():
                 result = self.model(
                     input_ids=ids.to(device),
@@ -200,9 +201,9 @@ class EveLMM(_LmmsBase):
             pred_pos = positions[-n_cont - 1 : -1]
             cont_ids = ids[0, -n_cont:].to(logits.device)
             logprobs = torch.log_softmax(logits[pred_pos].float(), dim=-1)
-            total = float(logprobs.gather(1, cont_ids[:, None]).sum())
+            nll = -float(logprobs.gather(1, cont_ids[:, None]).sum())
             greedy = bool((logprobs.argmax(-1) == cont_ids).all())
-            out.append((total, greedy))
+            out.append((nll, greedy))
         return out
 
     def _render(self, user_message: str, continuation: str) -> tuple[str, str]:
@@ -219,12 +220,14 @@ class EveLMM(_LmmsBase):
             raise ValueError("chat template does not render the answer as a continuation of the prompt")
         return ctx, full
 
-    def generate_until_multi_round(self, requests: Sequence[Any]) -> list[str]:
+    def generate_until_multi_round(self, requests: Sequence[Instance]) -> list[str]:
         raise NotImplementedError("EveLMM does not implement multi-round generation")
 
 
 def lmms_eval_manifest() -> Any:
     """Entry point for lmms-eval's model registry (group "lmms_eval.models")."""
+    # Imported here: importing `lmms_eval.models` builds the registry, which loads this entry
+    # point, so a module-level import would run while this module is still half-initialised.
     from lmms_eval.models.registry_v2 import ModelManifest
 
-    return ModelManifest(model_id="eve", simple_class_path="eve_vlm.eval.lmms_adapter.EveLMM")
+    return ModelManifest(model_id=MODEL_ID, simple_class_path=f"{__name__}.{EveLMM.__name__}")
