@@ -71,6 +71,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="recipe override for every stage, or one stage (e.g. 3_sft:optim.lr=1e-3); repeatable",
     )
     p.add_argument(
+        "--stage3-lora", action="store_true",
+        help="stage 3 as a LoRA fine-tune of the stage-2 model (adapters merged into OUT/final) instead of full fine-tuning",
+    )
+    p.add_argument(
         "--ablations", action="store_true", help="run (a) full, (b) no stage 1, (c) no teacher at equal compute; compare"
     )
     p.set_defaults(func=run)
@@ -88,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     m = run_quickstart(cfg)
     pct = lambda x: "-" if x is None else f"{100 * x:5.1f}%"  # noqa: E731
     per, bper = m["per_type"], m["blind_per_type"] or {}
-    print(f"\nEVE quickstart ({m['wall_seconds'] / 60:.1f} min): accuracy on {m['eval_questions']} held-out questions")
+    print(f"\nEVE quickstart ({m['wall_seconds'] / 60:.1f} min; stage 3: {m['stage3']}): accuracy on {m['eval_questions']} held-out questions")
     print(f"  {'':22s} overall  colour   shape   yes/no")
     print(f"  {'EVE (ours)':22s} {pct(m['accuracy'])} {pct(per.get('color'))} {pct(per.get('shape'))} {pct(per.get('yes_no'))}")
     if m["blind_accuracy"] is not None:
@@ -126,6 +130,7 @@ def _config(args: argparse.Namespace):
         stage3_turns=args.stage3_turns,
         dialogue_fraction=args.dialogue_fraction,
         multiturn_conversations=args.multiturn_conversations,
+        stage3_lora=args.stage3_lora,
         **({"questions_per_sample": args.questions_per_sample} if args.questions_per_sample is not None else {}),
     )
 

@@ -24,6 +24,7 @@ import torch
 from ..conversion import format_layers
 from ..model.config import PATCH_ACTIVATIONS
 from ..train import Recipe, Trainer
+from ..train.lora import merged_model
 from .budget import RunningReplan
 from .conversations import (
     EVAL_TURNS_PER_PAIR,
@@ -93,6 +94,9 @@ class QuickstartConfig:
     # are, and yes/no questions were learned (~90% after 450 stage-3 steps) where "<colour> <shape>"
     # left them at the answer prior (docs/quickstart.md, "Captions"). False: eight varied phrasings.
     short_captions: bool = True
+    # Stage 3 as a LoRA fine-tune of the stage-2 model (STAGE3_LORA) instead of full fine-tuning;
+    # the adapters are merged into final/.
+    stage3_lora: bool = False
 
     def __post_init__(self) -> None:
         if self.questions_per_sample < 1:
@@ -118,7 +122,8 @@ class QuickstartConfig:
 def stage_recipe(stage: str, cfg: QuickstartConfig, overrides: list[str]) -> Recipe:
     """The shipped recipe of `stage`, composed for `cfg`: its overrides, steps scaled to the budget,
     the run's seed, and the variant's groups (v2 has no teacher; its vision copies train instead)."""
-    recipe = Recipe.load(f"{RECIPES}/{stage}", [*stage_overrides(cfg.overrides, stage), *overrides])
+    lora = list(STAGE3_LORA) if cfg.stage3_lora and stage == "3_sft" else []
+    recipe = Recipe.load(f"{RECIPES}/{stage}", [*lora, *stage_overrides(cfg.overrides, stage), *overrides])
     scale = cfg.steps_scale if cfg.steps_scale is not None else default_steps_scale(cfg.budget_minutes, stage)
     steps = max(2, int(round((recipe.max_steps or 10) * scale)))
     steps += int(round((cfg.extra_steps or {}).get(stage, 0) * scale))
@@ -138,6 +143,12 @@ def stage_recipe(stage: str, cfg: QuickstartConfig, overrides: list[str]) -> Rec
         recipe, max_steps=steps, seed=cfg.seed, data=data, teacher=teacher, trainable=trainable,
         optim=dataclasses.replace(recipe.optim, group_lr=group_lr),
     )
+
+
+# `--stage3-lora`: rank-64 adapters on every attention and MLP projection of the layers stage 3
+# trains (the recipe's `freeze` keeps the first two fixed, adapters included), at LoRA's higher
+# learning rate; the output head and final norm stay as stage 2 left them.
+STAGE3_LORA = ("lora.r=64", "lora.alpha=128", "lora.dropout=0.0", "optim.lr=1e-3", "optim.group_lr={}")
 
 
 SHORT_CAPTION_TEMPLATES = ("a {color} {shape}",)
@@ -347,7 +358,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
             callbacks.append(RunningReplan(planner, stage, stage_start=t, run_start=t_start))
         trainer = Trainer.from_recipe(recipe, model=model, processor=processor, callbacks=callbacks)
         result = trainer.train()
-        model = trainer.model
+        model = merged_model(trainer.model)  # a LoRA stage's adapters merged into the weights
         if stage == "2_pretrain":
             model.detach_aligning_layer()  # training-only: never part of the released model
         timings[stage] = time.perf_counter() - t
@@ -360,7 +371,11 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     final = out / "final"
     if final.exists():
         shutil.rmtree(final)
-    shutil.copytree(out / "3_sft" / "final", final)
+    if cfg.stage3_lora:  # 3_sft/final holds the adapter: final/ is the merged model
+        model.save_pretrained(final)
+        processor.save_pretrained(final)
+    else:
+        shutil.copytree(out / "3_sft" / "final", final)
 
     t = time.perf_counter()
     main = evaluate(model, processor, cfg)
@@ -388,7 +403,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
         steps["blind"] = recipe.max_steps
         if planner is not None:
             planner.record("blind", recipe.max_steps, sum(h["seconds"] for h in res.history))
-        blind = evaluate(trainer.model, blind_proc, cfg, blank=out / "data" / "blank.png")
+        blind = evaluate(merged_model(trainer.model), blind_proc, cfg, blank=out / "data" / "blank.png")
         timings["blind"] = time.perf_counter() - t
 
     wall = time.perf_counter() - t_start
@@ -410,6 +425,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
         "questions_per_sample": cfg.questions_per_sample,
         "stage3_turns": cfg.stage3_turns,
         "dialogue_fraction": cfg.dialogue_fraction,
+        "stage3": "lora " + ", ".join(STAGE3_LORA) if cfg.stage3_lora else "full fine-tuning",
         "patch_activation": cfg.patch_activation if cfg.variant == "v1" else "gelu (v2 built-in)",
         "llm_layers": list(cfg.keep_layers),
         "variant": cfg.variant,
@@ -516,6 +532,7 @@ def write_report(out: Path, cfg: QuickstartConfig, metrics: dict[str, Any], main
         + (f"; plus multi-turn dialogues for {cfg.dialogue_fraction:.0%} of the images (follow-ups, image switches)"
            if cfg.dialogue_fraction else "")
     )
+    lines.append(f"- stage 3: {metrics['stage3']}" + (" (adapters merged into final/)" if cfg.stage3_lora else ""))
     lines.append(f"- patch embedding: activation after the patch conv: {metrics['patch_activation']}")
     if cfg.overrides:
         lines.append(f"- recipe overrides: {', '.join(cfg.overrides)}")

@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 class TrainingParts:
     """Everything one training stage needs, built from a recipe (see `build_training`)."""
 
-    model: EveForCausalLM
+    model: EveForCausalLM  # or, with a `lora:` section, the PEFT model around it
     processor: Any
     teacher: Any  # a frozen teacher (model.aligning.Teacher) or None
     wrapped: nn.Module  # the model itself, or DDP / FSDP around it
@@ -263,14 +263,22 @@ def build_training(recipe: Recipe, *, model: EveForCausalLM | None = None, proce
         trainable = [g for g in trainable if g != "aligner"]  # nothing to align without a teacher
     model.to(device)
     model.gradient_checkpointing_enable(recipe.gradient_checkpointing)
-    groups = set_trainable(model, trainable, recipe.freeze)
+    adapter = None  # with a `lora:` section, the PEFT model around `model`: what checkpoints save
+    if recipe.lora is not None:
+        from .lora import attach_lora
+
+        if dist.world > 1 and recipe.distributed == "fsdp":
+            raise RecipeError("lora trains under distributed: ddp (the adapters are small); fsdp is not supported")
+        adapter, groups = attach_lora(model, recipe.lora, trainable, recipe.freeze)
+    else:
+        groups = set_trainable(model, trainable, recipe.freeze)
     dtype = resolve_dtype(recipe.precision, device)
 
     path, image_root = training_data_path(recipe, dist)
     batches = build_batches(recipe, processor, teacher, path, image_root)
     bf16 = dtype == torch.bfloat16
     wrapped = wrap_model(model, recipe.distributed, dist, device, bf16=bf16, cpu_offload=recipe.cpu_offload)
-    if wrapped is model and dist.world > 1:  # FSDP2 replaced the parameters by their shards
+    if wrapped is model and dist.world > 1 and adapter is None:  # FSDP2 replaced the parameters by their shards
         groups = set_trainable(model, trainable, recipe.freeze)
     optimizer = build_optimizer(groups, recipe.optim, device)
     steps = total_steps(recipe, path)
@@ -278,7 +286,7 @@ def build_training(recipe: Recipe, *, model: EveForCausalLM | None = None, proce
     schedule = LrSchedule(int(round(o.warmup_ratio * steps)), steps, o.schedule, o.decay_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     return TrainingParts(
-        model=model, processor=processor, teacher=teacher, wrapped=wrapped, batches=batches,
+        model=adapter if adapter is not None else model, processor=processor, teacher=teacher, wrapped=wrapped, batches=batches,
         optimizer=optimizer, schedule=schedule, scheduler=scheduler, groups=groups, device=device, dist=dist,
         autocast_dtype=dtype if dtype != torch.float32 else None, accum=accum, data_path=path,
     )

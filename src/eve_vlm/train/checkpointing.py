@@ -103,11 +103,13 @@ def write_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)  # a write a killed job left behind
         tmp.mkdir(parents=True)
     barrier(info)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_model_options(model))
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / DCP_DIR))
     torch.save(rng_state(), tmp / f"rng-rank{info.rank}.pt")
     barrier(info)
     if info.main:
+        if is_adapter_model(model):  # PEFT's adapter_model.safetensors + adapter_config.json
+            model.save_pretrained(tmp)  # type: ignore[operator]
         model.config.save(tmp)  # type: ignore[union-attr]
         processor.save_pretrained(tmp)
         torch.save({"scheduler": scheduler_state}, tmp / TRAINING_STATE)
@@ -115,6 +117,17 @@ def write_checkpoint(
         _replace_folder(tmp, target)
     barrier(info)
     return target
+
+
+def is_adapter_model(model: nn.Module) -> bool:
+    """A PEFT (LoRA) model: its checkpoints hold what trains, the base weights come from model.init."""
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def _model_options(model: nn.Module) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True) if is_adapter_model(model) else None
 
 
 def read_trainer_state(folder: Path) -> dict[str, Any]:
@@ -129,7 +142,7 @@ def load_checkpoint(folder: Path, *, model: nn.Module, optimizer: torch.optim.Op
 
     if not (folder / DCP_DIR).is_dir():
         raise ValueError(f"{folder} holds no distributed checkpoint ({DCP_DIR}/): it was not written by this trainer")
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_model_options(model))
     # get_state_dict gives every trainable parameter optimizer state; a parameter that never had a
     # gradient when the checkpoint was written (e.g. a vision copy no visual token reached) has none
     stored = dcp.FileSystemReader(str(folder / DCP_DIR)).read_metadata().state_dict_metadata

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..model.checkpoint import TRAINING_ONLY_PREFIXES, atomic_folder
+from .checkpointing import is_adapter_model
 from .distributed import DistInfo, barrier
 
 DEFAULT_SHARD_BYTES = 5 * 2**30  # what transformers writes by default
@@ -43,7 +44,15 @@ def export_pretrained(
     include_aligning_layer: bool = True,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> Path:
-    """Write `target` atomically (every rank calls this; only the main rank writes)."""
+    """Write `target` atomically (every rank calls this; only the main rank writes). A PEFT (LoRA)
+    model writes its adapter (PEFT's files) and the processor: `eve merge-lora` makes a model of it."""
+    if is_adapter_model(model):
+        if info.main:
+            with atomic_folder(target) as tmp:
+                model.save_pretrained(tmp)  # type: ignore[operator]
+                processor.save_pretrained(tmp)
+        barrier(info)
+        return target
     tensors = tensors_to_export(model, include_aligning_layer)
     ctx = atomic_folder(target) if info.main else None
     tmp = ctx.__enter__() if ctx is not None else None

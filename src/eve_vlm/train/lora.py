@@ -6,52 +6,29 @@ adapt and keeps our checkpoint format for the merged model.
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
 import logging
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from ..model.eve import EveForCausalLM
+from .checkpointing import is_adapter_model
+from .params import param_group_of
+from .recipe import ATTENTION_PROJECTIONS, LORA_TARGETS, MLP_PROJECTIONS, LoraSpec, RecipeError
 
 logger = logging.getLogger(__name__)
 
-# The decoder's attention and MLP projections; EVEv2's vision copies are `moe_`-prefixed
-# (`self_attn.moe_q_proj`, `moe_mlp.gate_proj`).
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-DEFAULT_TARGETS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
+# The groups LoRA adapts instead of training them in full (train/params.py names the groups).
+ADAPTED_GROUPS = ("llm", "experts")
+DEFAULT_TARGETS = LORA_TARGETS
 
 
-class LoraError(ValueError):
+class LoraError(RecipeError):
     """A `lora:` recipe section that cannot be applied to the model."""
-
-
-@dataclass
-class LoraSpec:
-    """The recipe's `lora:` section. `target_modules` names projections (default: all attention
-    and MLP ones; with `vision_copies`, EVEv2's vision copies too); `modules_to_save` names
-    whole modules trained and saved in full next to the adapter (e.g. `model.vision_tower`)."""
-
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    vision_copies: bool = True
-    modules_to_save: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if self.r < 1:
-            raise LoraError(f"lora.r must be >= 1, got {self.r}")
-        if not 0 <= self.dropout < 1:
-            raise LoraError(f"lora.dropout must be in [0, 1), got {self.dropout}")
-        unknown = sorted(set(self.target_modules) - set(DEFAULT_TARGETS))
-        if unknown:
-            raise LoraError(f"unknown lora.target_modules {unknown}: choose from {list(DEFAULT_TARGETS)}")
-        if not self.target_modules:
-            raise LoraError("lora.target_modules is empty")
 
 
 def target_pattern(model: EveForCausalLM, spec: LoraSpec) -> str:
@@ -68,8 +45,10 @@ def target_pattern(model: EveForCausalLM, spec: LoraSpec) -> str:
     return rf"model\.layers\.\d+\.({'|'.join(parts)})"
 
 
-def lora_config(model: EveForCausalLM, spec: LoraSpec) -> Any:
-    """The `peft.LoraConfig` for `spec` on `model`."""
+def lora_config(model: EveForCausalLM, spec: LoraSpec, frozen: list[str] | tuple[str, ...] = ()) -> Any:
+    """The `peft.LoraConfig` for `spec` on `model`. Projections whose weight matches a `frozen`
+    pattern (the recipe's `freeze`, fnmatch on parameter names) get no adapter: a stage that keeps
+    early layers fixed keeps them fixed under LoRA too, and its backward pass still stops there."""
     from peft import LoraConfig
 
     names = {n for n, _ in model.named_modules()}
@@ -77,27 +56,71 @@ def lora_config(model: EveForCausalLM, spec: LoraSpec) -> Any:
         if m not in names:
             raise LoraError(f"lora.modules_to_save: the model has no module {m!r}")
     pattern = target_pattern(model, spec)
-    if not any(re.fullmatch(pattern, n) and isinstance(mod, nn.Linear) for n, mod in model.named_modules()):
+    hits = [n for n, mod in model.named_modules() if re.fullmatch(pattern, n) and isinstance(mod, nn.Linear)]
+    if not hits:
         raise LoraError(f"lora.target_modules {spec.target_modules} match no module of this model")
+    kept = [n for n in hits if not any(fnmatch.fnmatchcase(f"{n}.weight", f) for f in frozen)]
+    if not kept:
+        raise LoraError(f"every module lora.target_modules {spec.target_modules} picks is frozen by {list(frozen)}")
     return LoraConfig(
         r=spec.r,
         lora_alpha=spec.alpha,
         lora_dropout=spec.dropout,
-        target_modules=pattern,
+        # PEFT matches a string in full as a regex, a list by name suffix: names when some are frozen
+        target_modules=pattern if len(kept) == len(hits) else kept,
         modules_to_save=list(spec.modules_to_save) or None,
         bias="none",
     )
 
 
-def apply_lora(model: EveForCausalLM, spec: LoraSpec) -> Any:
+def apply_lora(model: EveForCausalLM, spec: LoraSpec, frozen: list[str] | tuple[str, ...] = ()) -> Any:
     """Wrap `model` in a PEFT model: only the adapters (and `modules_to_save`) are trainable."""
     from peft import get_peft_model
 
-    peft_model = get_peft_model(model, lora_config(model, spec))
+    peft_model = get_peft_model(model, lora_config(model, spec, frozen))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
     logger.info("LoRA r=%d on %s: %d of %d parameters trainable", spec.r, spec.target_modules, trainable, total)
     return peft_model
+
+
+# The modules of the groups a LoRA stage may train in full (train/params.py: param_group_of).
+GROUP_MODULES = {
+    "vision": ("model.vision_tower", "model.mm_projector"),
+    "aligner": ("model.vision_tower_compressor",),
+}
+
+
+def attach_lora(
+    model: EveForCausalLM, spec: LoraSpec, groups: list[str], frozen: list[str]
+) -> tuple[Any, dict[str, list[nn.Parameter]]]:
+    """A recipe's LoRA set-up: adapters on the decoder; the `groups` LoRA does not adapt (vision,
+    aligner) become PEFT `modules_to_save`, trained in full and saved with the adapter, less the
+    parameters matching a `frozen` pattern. Returns the PEFT model and its trainable parameters by
+    group ("lora": the adapters and the recipe's own `modules_to_save`)."""
+    names = {n for n, _ in model.named_modules()}
+    full = [m for g in groups if g not in ADAPTED_GROUPS for m in GROUP_MODULES.get(g, ()) if m in names]
+    spec = dataclasses.replace(spec, modules_to_save=list(dict.fromkeys([*spec.modules_to_save, *full])))
+    peft_model = apply_lora(model, spec, frozen)
+    out: dict[str, list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        plain = name.replace(".modules_to_save.default.", ".")  # the trained copy's original name
+        if any(fnmatch.fnmatchcase(plain, f) for f in frozen):
+            p.requires_grad_(False)
+        elif "lora_" in name or not any(plain.startswith(m + ".") for m in full):
+            out.setdefault("lora", []).append(p)
+        else:
+            out.setdefault(param_group_of(plain), []).append(p)
+    if not out:
+        raise LoraError(f"nothing to train: every adapter and module is frozen by {frozen}")
+    return peft_model, out
+
+
+def merged_model(model: Any) -> EveForCausalLM:
+    """`model` with its adapters merged into the base weights (in place); a plain model as it is."""
+    return model.merge_and_unload() if is_adapter_model(model) else model
 
 
 def merge_lora(base: str | Path, adapter: str | Path, out: str | Path) -> Path:

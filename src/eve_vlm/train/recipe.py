@@ -92,6 +92,45 @@ class OptimSpec:
     max_grad_norm: float = 1.0
 
 
+# The decoder's attention and MLP projections LoRA can adapt; EVEv2's vision copies of them are
+# `moe_`-prefixed (`self_attn.moe_q_proj`, `moe_mlp.gate_proj`).
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+LORA_TARGETS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
+
+
+@dataclass
+class LoraSpec:
+    """The recipe's `lora:` section (train/lora.py applies it through PEFT). The decoder then learns
+    through low-rank adapters on `target_modules` (with `vision_copies`, EVEv2's vision copies of
+    them too) instead of in full; `modules_to_save` names whole modules trained and saved in full
+    next to the adapter (e.g. `lm_head`)."""
+
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    vision_copies: bool = True
+    modules_to_save: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise RecipeError(f"lora.r must be >= 1, got {self.r}")
+        if self.alpha <= 0:
+            raise RecipeError(f"lora.alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise RecipeError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        for key in ("target_modules", "modules_to_save"):
+            value = getattr(self, key)
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise RecipeError(f"lora.{key} must be a list of names, got {value!r}")
+        unknown = sorted(set(self.target_modules) - set(LORA_TARGETS))
+        if unknown:
+            raise RecipeError(f"unknown lora.target_modules {unknown}: choose from {list(LORA_TARGETS)}")
+        if not self.target_modules:
+            raise RecipeError("lora.target_modules is empty")
+
+
 @dataclass
 class Recipe:
     name: str = "stage"
@@ -101,6 +140,9 @@ class Recipe:
     teacher: TeacherSpec = field(default_factory=TeacherSpec)
     optim: OptimSpec = field(default_factory=OptimSpec)
     trainable: list[str] = field(default_factory=lambda: list(DEFAULT_TRAINABLE))
+    # LoRA: the decoder (groups llm, experts) learns through adapters; the other `trainable` groups
+    # (vision, aligner) train in full; checkpoints and final/ hold only what trained (None: off)
+    lora: LoraSpec | None = None
     # parameter-name patterns (fnmatch) kept frozen inside the trainable groups, e.g. the tied
     # embedding / output head ["model.embed_tokens.*", "lm_head.*"]: saves its gradient and Adam update
     freeze: list[str] = field(default_factory=list)
@@ -228,8 +270,10 @@ def _build(cls: type, data: dict[str, Any], where: str):
         raise RecipeError(f"unknown recipe keys in {where or 'recipe'}: {unknown} (known: {sorted(fields)})")
     kwargs = {}
     for name, value in data.items():
-        sub = {"model": ModelSpec, "data": DataSpec, "teacher": TeacherSpec, "optim": OptimSpec}.get(name) if cls is Recipe else None
-        if sub is not None:
+        sub = {"model": ModelSpec, "data": DataSpec, "teacher": TeacherSpec, "optim": OptimSpec, "lora": LoraSpec}.get(name) if cls is Recipe else None
+        if name == "lora" and cls is Recipe and value is None:
+            kwargs[name] = None  # `lora: null`: full fine-tuning
+        elif sub is not None:
             kwargs[name] = _build(sub, value or {}, name)
         elif name == "betas":
             kwargs[name] = tuple(_coerce(v, "float", f"{where}.{name}") for v in value)
