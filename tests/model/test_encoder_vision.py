@@ -324,3 +324,22 @@ def test_serve_and_eval_run_the_baseline_unchanged(effnet_folder, tmp_path):
     assert main(argv) == 0
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 2
     assert json.loads((out / "results.json").read_text())["num_missing"] == 0
+
+
+def test_siglip_and_an_inner_layer(tmp_path):
+    """SigLIP (no class token, mean = std = 0.5) and `vision_encoder_layer` picking an inner hidden state."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(5)
+    SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                         image_size=64, patch_size=16)).save_pretrained(tmp_path / "siglip")
+    model = EveForCausalLM(tiny_model_config("v2", 100, vision_encoder=str(tmp_path / "siglip"), vision_encoder_layer=-2,
+                                             **ENCODER))
+    load_pretrained_encoder(model)
+    tower = model.model.vision_tower
+    torch.testing.assert_close(tower.input_shift * 0.5 + 0.5, torch.tensor([0.48145466, 0.4578275, 0.40821073]))
+    images = _images((64, 64), (32, 128))
+    assert model.model.encode_images(images).grids == [(2, 2), (1, 4)]
+    pixels = images[1][None] * tower.input_scale.view(1, 3, 1, 1) + tower.input_shift.view(1, 3, 1, 1)
+    hidden = tower.encoder.model(pixel_values=pixels, output_hidden_states=True, interpolate_pos_encoding=True)
+    torch.testing.assert_close(tower.encoder(pixels), hidden.hidden_states[-2].reshape(1, 2, 8, 32))
