@@ -156,12 +156,21 @@ def _as_a_killed_write_leaves_it(out: Path) -> None:
     next(iter(sorted((tmp / "dcp").iterdir()))).write_bytes(b"half")  # a truncated shard
 
 
+RUN = ["max_steps=8", "save_every=2", "keep_checkpoints=0", "micro_batch_size=4", "global_batch_size=8",
+       "distributed=fsdp"]
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted run the resumed ones must end at (1 process)."""
+    out = tmp_path_factory.mktemp("whole")
+    one_process(V2, out, *RUN)
+    return out
+
+
 @pytest.mark.slow
-def test_a_killed_job_resumes_on_2_or_1_processes_at_the_uninterrupted_weights(tmp_path: Path) -> None:
-    run = ["max_steps=8", "save_every=2", "keep_checkpoints=0", "micro_batch_size=4", "global_batch_size=8",
-           "distributed=fsdp"]
-    whole = tmp_path / "whole"
-    one_process(V2, whole, *run)
+def test_a_killed_job_resumes_on_2_or_1_processes_at_the_uninterrupted_weights(tmp_path: Path, whole: Path) -> None:
+    run = RUN
 
     killed = tmp_path / "killed"
     _kill_after_checkpoint(_torchrun_cmd(2, V2, killed, *run), killed, 2)
@@ -182,11 +191,8 @@ def test_a_killed_job_resumes_on_2_or_1_processes_at_the_uninterrupted_weights(t
 
 
 @pytest.mark.slow
-def test_a_1_process_checkpoint_resumes_on_2_processes_at_the_uninterrupted_weights(tmp_path: Path) -> None:
-    run = ["max_steps=8", "save_every=2", "keep_checkpoints=0", "micro_batch_size=4", "global_batch_size=8",
-           "distributed=fsdp"]
-    whole = tmp_path / "whole"
-    one_process(V2, whole, *run)
+def test_a_1_process_checkpoint_resumes_on_2_processes_at_the_uninterrupted_weights(tmp_path: Path, whole: Path) -> None:
+    run = RUN
     part = tmp_path / "part"
     Trainer.from_recipe(Recipe.load(V2, [f"output_dir={part}", *run]), progress=False).train(stop_after=5)
     assert latest_checkpoint(part).name == "step-4"
