@@ -1,8 +1,8 @@
 """What a packed row costs: padded rows vs packed rows with a dense mask vs per-document attention.
 
-    PYTHONPATH=src python bench/packed_attention.py [--reps 5] [--flex]
+    PYTHONPATH=src python bench/packed_attention.py [--reps 7] [--threads 1] [--versions v2,v1] [--flex]
 
-One run on this machine, for an EVE v1 and an EVEv2 mid-size model (hidden 512, 8 layers, 8 heads,
+One run on this machine, for an EVEv2 and an EVE v1 mid-size model (hidden 512, 8 layers, 8 heads,
 4 key/value heads; v2 with its vision copies, so routing runs), fp32, of one mixed-aspect-ratio
 batch: four samples with 448x448, 224x672, 672x224 and 320x480 images (v1: sides rounded to
 multiples of 28) and 64 text tokens each (the last 24 supervised):
@@ -11,18 +11,23 @@ multiples of 28) and 64 text tokens each (the last 24 supervised):
 (b) packed, dense: one row, the block-diagonal [L, L] mask through SDPA (``packed_attention="dense"``);
 (c) packed, document attention: one row, the decoder's default (``auto``: one SDPA per document on CPU).
 
-For each: forward + backward (the model's training forward: no logits, loss on the targets), and a
-whole train step (+ AdamW). Then the attention core alone (SDPA or the packed entry point, forward +
-backward, times the number of layers) of (a), (b), (c) against the sum of each sample's own causal
-attention. Times are the best of --reps (the machine is shared: the best run is the one least
-disturbed), the variants interleaved; ratios are within this one run.
-``--flex`` adds the forward-only attention of compiled FlexAttention with a document block mask
-(FlexAttention has no backward on CPU, so it cannot be the CPU training backend).
+For each, a whole train step (the model's training forward: no logits, loss on the targets;
+backward; AdamW), timed as forward + backward and optimizer. Then the attention core alone (SDPA
+or the packed entry point, forward + backward, times the number of layers) of (a), (b), (c)
+against the sum of each sample's own causal attention.
+
+Robust on a shared, noisy machine: the variants run interleaved (their order rotates every
+repeat), each figure is the median over --reps, and the ratios are medians of the per-repeat
+ratios (each repeat compares variants that ran seconds apart). `--threads 1` (the default) because
+two OpenMP threads on two cores that other jobs share stall each other, which swamps the ratios.
+``--flex`` adds the attention core with compiled FlexAttention (document block mask), forward and,
+where this torch can, backward.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from collections.abc import Callable
 
@@ -81,65 +86,83 @@ def packed_batch(samples) -> dict:
             "images": [s[2] for s in samples]}
 
 
-def interleaved(fns: dict[str, Callable[[], None]], reps: int) -> dict[str, float]:
-    """Best ms of each callable over `reps`, one warm-up each, the variants alternating."""
+def interleaved(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, list[float]]:
+    """Per callable, its ms in each repeat (after one warm-up each); the order rotates every repeat."""
     for fn in fns.values():
         fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
+    names = list(fns)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(reps):
+        for k in names[r % len(names):] + names[: r % len(names)]:
             t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: 1000 * min(v) for k, v in times.items()}
+            fns[k]()
+            times[k].append(1000 * (time.perf_counter() - t0))
+    return times
 
 
-def step_fns(model: EveForCausalLM, samples) -> tuple[dict, dict, dict[str, int]]:
-    """Forward+backward and whole-step callables of (a), (b), (c), and the spliced row lengths."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
-    batches = {"a": ("auto", padded_batch(samples)), "b": ("dense", packed_batch(samples)),
-               "c": ("auto", packed_batch(samples))}
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
 
-    def fwd_bwd(key: str) -> None:
-        backend, batch = batches[key]
-        model.model.packed_attention = backend
-        out = model(**batch, return_logits=False)
-        out.lm_loss_sum.backward()
 
-    def step(key: str) -> None:
-        fwd_bwd(key)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+def paired(times: dict[str, list[float]], num: str, den: str) -> float:
+    """The median over repeats of times[num] / times[den] (the two ran within one repeat)."""
+    return median([a / b for a, b in zip(times[num], times[den], strict=True)])
 
-    with torch.no_grad():
-        model.model.packed_attention = "auto"
-        lengths = model(**batches["a"][1], return_logits=False).valid.sum(1).tolist()
-    shapes = {"rows (a)": len(lengths), "longest (a)": max(lengths), "packed row (c)": sum(lengths)}
-    fb = {k: (lambda k=k: (model.zero_grad(set_to_none=True), fwd_bwd(k))) for k in batches}
-    st = {k: (lambda k=k: step(k)) for k in batches}
-    return fb, st, shapes | {"lengths": lengths}
+
+class StepTimer:
+    """Whole train steps of (a), (b), (c), each timed as forward + backward and the optimizer step."""
+
+    def __init__(self, model: EveForCausalLM, samples) -> None:
+        self.model = model
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+        self.batches = {"a": ("auto", padded_batch(samples)), "b": ("dense", packed_batch(samples)),
+                        "c": ("auto", packed_batch(samples))}
+        self.fwd_bwd: dict[str, list[float]] = {k: [] for k in self.batches}
+        with torch.no_grad():
+            model.model.packed_attention = "auto"
+            self.lengths = model(**self.batches["a"][1], return_logits=False).valid.sum(1).tolist()
+
+    def step(self, key: str) -> None:
+        backend, batch = self.batches[key]
+        self.model.model.packed_attention = backend
+        t0 = time.perf_counter()
+        self.model(**batch, return_logits=False).lm_loss_sum.backward()
+        self.fwd_bwd[key].append(1000 * (time.perf_counter() - t0))
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def run(self, reps: int) -> dict[str, list[float]]:
+        steps = interleaved({k: (lambda k=k: self.step(k)) for k in self.batches}, reps)
+        for k in self.fwd_bwd:  # drop the warm-up
+            self.fwd_bwd[k] = self.fwd_bwd[k][1:]
+        return steps
+
+
+def qkv_of(model: EveForCausalLM, b: int, n: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Random q, k, v as the decoder makes them: [B, L, heads, hd] memory, viewed [B, heads, L, hd]."""
+    c = model.config
+
+    def one(heads: int) -> torch.Tensor:
+        return torch.randn(b, n, heads, c.head_dim, generator=g).transpose(1, 2).requires_grad_()
+
+    return one(c.num_attention_heads), one(c.num_key_value_heads), one(c.num_key_value_heads)
 
 
 def attention_fns(model: EveForCausalLM, lengths: list[int]) -> dict[str, Callable[[], None]]:
     """The attention core alone (forward + backward) x layers, on random q/k/v of the batch's shapes."""
-    c = model.config
-    h, kv, hd, n_layers = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.num_hidden_layers
+    n_layers = model.config.num_hidden_layers
     g = torch.Generator().manual_seed(0)
-
-    def qkv(b: int, n: int):
-        return (torch.randn(b, h, n, hd, generator=g, requires_grad=True),
-                torch.randn(b, kv, n, hd, generator=g, requires_grad=True),
-                torch.randn(b, kv, n, hd, generator=g, requires_grad=True))
-
     total, longest = sum(lengths), max(lengths)
     valid = torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]
     pad_mask, _ = build_attention_mask(valid, None, None)
     seg = torch.repeat_interleave(torch.arange(1, len(lengths) + 1), torch.tensor(lengths))[None]
-    dense = PackedLayout.from_segments(seg, torch.ones_like(seg, dtype=torch.bool), backend="dense")
-    docs = PackedLayout.from_segments(seg, torch.ones_like(seg, dtype=torch.bool), backend="segments")
-    a_in, p_in, s_in = qkv(len(lengths), longest), qkv(1, total), [qkv(1, n) for n in lengths]
+    ones = torch.ones_like(seg, dtype=torch.bool)
+    dense = PackedLayout.from_segments(seg, ones, backend="dense")
+    docs = PackedLayout.from_segments(seg, ones, backend="segments")
+    a_in, p_in = qkv_of(model, len(lengths), longest, g), qkv_of(model, 1, total, g)
+    s_in = [qkv_of(model, 1, n, g) for n in lengths]
 
-    def run(fn) -> None:
+    def run(fn: Callable[[], torch.Tensor]) -> None:
         for _ in range(n_layers):
             fn().sum().backward()
 
@@ -147,71 +170,122 @@ def attention_fns(model: EveForCausalLM, lengths: list[int]) -> dict[str, Callab
         "a": lambda: run(lambda: F.scaled_dot_product_attention(*a_in, attn_mask=pad_mask, enable_gqa=True)),
         "b": lambda: run(lambda: dense.attend(*p_in)),
         "c": lambda: run(lambda: docs.attend(*p_in)),
-        "per-sample sum": lambda: [run(lambda x=x: F.scaled_dot_product_attention(*x, is_causal=True, enable_gqa=True))
-                                   for x in s_in],
+        "sum": lambda: [run(lambda x=x: F.scaled_dot_product_attention(*x, is_causal=True, enable_gqa=True))
+                        for x in s_in],
     }
 
 
-def flex_forward(model: EveForCausalLM, lengths: list[int], reps: int) -> dict[str, float]:
-    """Forward-only attention x layers: per-document SDPA vs compiled FlexAttention (block mask)."""
-    c = model.config
+def flex_fns(model: EveForCausalLM, lengths: list[int]) -> tuple[dict[str, Callable[[], None]], str]:
+    """Compiled FlexAttention (document block mask) x layers, forward + backward where it runs on
+    this device, else forward only; next to per-document SDPA doing the same."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    n_layers = model.config.num_hidden_layers
     seg = torch.repeat_interleave(torch.arange(1, len(lengths) + 1), torch.tensor(lengths))[None]
-    ones = torch.ones_like(seg, dtype=torch.bool)
-    q = torch.randn(1, c.num_attention_heads, seg.shape[1], c.head_dim)
-    k = torch.randn(1, c.num_key_value_heads, seg.shape[1], c.head_dim)
-    v = torch.randn_like(k)
-    from torch.nn.attention.flex_attention import flex_attention
-
+    doc, n = seg[0], seg.shape[1]
+    block_mask = create_block_mask(lambda b, h, qi, ki: (doc[qi] == doc[ki]) & (ki <= qi), 1, None, n, n,
+                                   device="cpu")
     flex = torch.compile(flex_attention, dynamic=False)
-    from torch.nn.attention.flex_attention import create_block_mask
+    docs = PackedLayout.from_segments(seg, torch.ones_like(seg, dtype=torch.bool), backend="segments")
+    q, k, v = qkv_of(model, 1, n, torch.Generator().manual_seed(0))
+    mode = "forward + backward"
+    try:
+        flex(q, k, v, block_mask=block_mask, enable_gqa=True).sum().backward()
+    except Exception as e:  # noqa: BLE001 - report whatever stops it, then time forward only
+        mode = f"forward only ({type(e).__name__}: {str(e).split('.')[0]})"
+        q, k, v = q.detach(), k.detach(), v.detach()
 
-    doc = seg[0]
-    block_mask = create_block_mask(lambda b, h, qi, ki: (doc[qi] == doc[ki]) & (ki <= qi), 1, None,
-                                   seg.shape[1], seg.shape[1], device="cpu")
-    docs = PackedLayout.from_segments(seg, ones, backend="segments")
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        flex(q, k, v, block_mask=block_mask, enable_gqa=True)
+    def run(fn: Callable[[], torch.Tensor]) -> None:
+        for _ in range(n_layers):
+            out = fn()
+            if mode == "forward + backward":
+                out.sum().backward()
+
+    ctx = torch.enable_grad if mode == "forward + backward" else torch.no_grad
+
+    def under(fn: Callable[[], None]) -> Callable[[], None]:
+        def call() -> None:
+            with ctx():
+                fn()
+        return call
+
+    under(lambda: run(lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=True)))()  # compile for this mode
+
+    return {"segments": under(lambda: run(lambda: docs.attend(q, k, v))),
+            "flex": under(lambda: run(lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=True)))}, mode
+
+
+def profile_steps(model: EveForCausalLM, timer: StepTimer, top: int) -> None:
+    """Where one train step of (a) and of (c) spends its time: self CPU time per op, top first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for key in ("a", "c"):
+        timer.step(key)  # warm
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            timer.step(key)
+        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in events) / 1000
+        print(f"profile of one step ({key}), {total:.0f} ms of self CPU time in ops; top {top}:")
+        for e in events[:top]:
+            print(f"  {e.key:<48} {e.self_cpu_time_total / 1000:8.1f} ms  {e.count:6d} calls")
+
+
+def report(version: str, model: EveForCausalLM, args: argparse.Namespace) -> None:
+    samples = make_samples(model.config.token_stride)
+    timer = StepTimer(model, samples)
+    lengths = timer.lengths
+    steps = timer.run(args.reps)
+    fb = timer.fwd_bwd
+    attn = interleaved(attention_fns(model, lengths), args.reps)
+    waste = 1 - sum(lengths) / (len(lengths) * max(lengths))
+    print(f"\n{version}: samples of {lengths} spliced tokens (one packed row of {sum(lengths)}); "
+          f"padded rows waste {waste:.0%}; medians of {args.reps} interleaved repeats")
+    print(f"| {version} variant | train step ms | of which fwd+bwd ms | attention ms (fwd+bwd, "
+          f"{model.config.num_hidden_layers} layers) |")
+    print("|---|---|---|---|")
+    names = {"a": "(a) padded rows", "b": "(b) packed, dense mask", "c": "(c) packed, document attention"}
+    for k, name in names.items():
+        print(f"| {name} | {median(steps[k]):.0f} | {median(fb[k]):.0f} | {median(attn[k]):.0f} |")
+    print(f"| sum of per-sample attention | | | {median(attn['sum']):.0f} |")
+    print(f"{version} train step (c) vs (a): {paired(steps, 'a', 'c'):.2f}x faster, vs (b): "
+          f"{paired(steps, 'b', 'c'):.2f}x; fwd+bwd (c) vs (a): {paired(fb, 'a', 'c'):.2f}x, "
+          f"vs (b): {paired(fb, 'b', 'c'):.2f}x")
+    print(f"{version} attention (c) / per-sample sum: {paired(attn, 'c', 'sum'):.2f}x; "
+          f"(a): {paired(attn, 'a', 'sum'):.2f}x; (b): {paired(attn, 'b', 'sum'):.2f}x", flush=True)
+    if args.profile:
+        profile_steps(model, timer, args.profile)
+    if args.flex:
+        t0 = time.perf_counter()
+        fns, mode = flex_fns(model, lengths)
         compile_s = time.perf_counter() - t0
-        fns = {"segments fwd": lambda: [docs.attend(q, k, v) for _ in range(c.num_hidden_layers)],
-               "flex fwd": lambda: [flex(q, k, v, block_mask=block_mask, enable_gqa=True)
-                                    for _ in range(c.num_hidden_layers)]}
-        out = interleaved(fns, reps)
-    return out | {"flex compile s": compile_s}
+        fx = interleaved(fns, args.reps)
+        print(f"{version} attention core, {mode}, all layers: per-document SDPA {median(fx['segments']):.0f} ms, "
+              f"compiled FlexAttention {median(fx['flex']):.0f} ms (flex / segments "
+              f"{paired(fx, 'flex', 'segments'):.2f}x; compiled in {compile_s:.0f} s)", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--flex", action="store_true", help="also time compiled FlexAttention, forward only")
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    ap.add_argument("--versions", default="v2,v1", help="comma-separated: v1, v2")
+    ap.add_argument("--flex", action="store_true", help="also time compiled FlexAttention")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="also print the N ops with the most self CPU time in one step of (a) and of (c)")
     args = ap.parse_args()
+    versions = [v.strip() for v in args.versions.split(",") if v.strip()]
+    if not versions or any(v not in ("v1", "v2") for v in versions):
+        ap.error(f"--versions takes v1 and/or v2, got {args.versions!r}")
+    if args.reps < 1:
+        ap.error("--reps must be at least 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32; "
-          f"EVE mid-size: hidden {args.hidden}, {args.layers} layers")
-    for version in ("v1", "v2"):
-        model = build_model(version, args.hidden, args.layers)
-        samples = make_samples(model.config.token_stride)
-        fb, st, shapes = step_fns(model, samples)
-        lengths = shapes.pop("lengths")
-        fb_ms, st_ms = interleaved(fb, args.reps), interleaved(st, args.reps)
-        at_ms = interleaved(attention_fns(model, lengths), args.reps)
-        waste = 1 - sum(lengths) / (len(lengths) * max(lengths))
-        print(f"\n{version}: samples of {lengths} spliced tokens; padded rows waste {waste:.0%}")
-        print("| variant | fwd+bwd ms | train step ms | attention ms (fwd+bwd, all layers) |")
-        print("|---|---|---|---|")
-        names = {"a": "(a) padded rows", "b": "(b) packed, dense mask", "c": "(c) packed, document attention"}
-        for k, name in names.items():
-            print(f"| {name} | {fb_ms[k]:.0f} | {st_ms[k]:.0f} | {at_ms[k]:.0f} |")
-        print(f"| sum of per-sample attention | | | {at_ms['per-sample sum']:.0f} |")
-        print(f"step (c) vs (a): {st_ms['a'] / st_ms['c']:.2f}x faster; vs (b): {st_ms['b'] / st_ms['c']:.2f}x; "
-              f"fwd+bwd (c) vs (a): {fb_ms['a'] / fb_ms['c']:.2f}x, vs (b): {fb_ms['b'] / fb_ms['c']:.2f}x")
-        print(f"attention (c) / per-sample sum: {at_ms['c'] / at_ms['per-sample sum']:.2f}x; "
-              f"(b) / per-sample sum: {at_ms['b'] / at_ms['per-sample sum']:.2f}x")
-        if args.flex:
-            fx = flex_forward(model, lengths, args.reps)
-            print(f"forward-only attention, all layers: segments {fx['segments fwd']:.1f} ms, compiled flex "
-                  f"{fx['flex fwd']:.1f} ms (compiled in {fx['flex compile s']:.0f} s)")
+          f"EVE mid-size: hidden {args.hidden}, {args.layers} layers", flush=True)
+    for version in versions:
+        report(version, build_model(version, args.hidden, args.layers), args)
 
 
 if __name__ == "__main__":

@@ -205,3 +205,26 @@ def test_backend_choice_and_the_model_switch():
     torch.testing.assert_close(outs["segments"].lm_loss_sum, outs["dense"].lm_loss_sum, **TOL)
     valid = outs["dense"].valid
     torch.testing.assert_close(outs["segments"].logits[valid], outs["dense"].logits[valid], **TOL)
+
+
+def test_segments_gradients_match_dense_with_padding_around_and_between_documents():
+    """Per-document attention splits each row into documents and padding gaps (leading, between,
+    trailing); its output and every input gradient equal the dense mask's at the real tokens."""
+    torch.manual_seed(0)
+    seg = torch.tensor([[0, 1, 1, 1, 0, 2, 2, 0, 0], [1, 1, 2, 2, 2, 2, 3, 3, 0]])
+    valid = seg != 0
+    layout = {b: PackedLayout.from_segments(seg, valid, backend=b) for b in ("segments", "dense")}
+    assert layout["segments"].spans == [(0, 1, 3), (0, 5, 2), (1, 0, 2), (1, 2, 4), (1, 6, 2)]
+    base = (torch.randn(2, 4, 9, 8), torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8))
+    weight = torch.randn(2, 4, 9, 8) * valid[:, None, :, None]  # the loss reads real tokens only
+    outs, grads = {}, {}
+    for name, lay in layout.items():
+        q, k, v = (t.clone().requires_grad_() for t in base)
+        out = lay.attend(q, k, v)
+        (out * weight).sum().backward()
+        outs[name], grads[name] = out, (q.grad, k.grad, v.grad)
+    real = valid[:, None, :, None].expand_as(outs["dense"])
+    torch.testing.assert_close(outs["segments"][real], outs["dense"][real], **TOL)
+    assert torch.all(outs["segments"][~real] == 0)  # padding queries: zeros, nothing reads them
+    for got, want in zip(grads["segments"], grads["dense"], strict=True):
+        torch.testing.assert_close(got, want, **TOL)

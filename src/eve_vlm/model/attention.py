@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+RowPlan = tuple[list[int], list[int], list[int]]  # query split sizes, key split sizes, document per piece
 PackedBackend = Literal["auto", "segments", "flex", "dense"]
 BACKENDS = ("auto", "segments", "flex", "dense")
 
@@ -67,6 +68,7 @@ class PackedLayout:
     branched: list[bool]  # per document: does it hold any branch (then it needs a small mask)
     backend: str = "segments"
     _block_masks: dict = field(default_factory=dict, repr=False)
+    _plans: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_segments(cls, segment_ids: Tensor, valid: Tensor, branch_ids: Tensor | None = None,
@@ -132,32 +134,70 @@ class PackedLayout:
 
     # ------------------------------------------------------------------ backends
     def _segments(self, q: Tensor, k: Tensor, v: Tensor, queries: QueryPositions | None, gqa: bool) -> Tensor:
-        """One SDPA per document; rows are assembled from the pieces (zeros where nothing is read)."""
-        b, h, lq, hd = q.shape
+        """One SDPA per document on `split` views of each row; the row is `cat` back (zeros where
+        nothing is read). Why split, not slicing: the backward of one split is one `cat`, while each
+        slice's backward writes a zero-filled copy of the whole row (documents x layers of them)."""
+        b = q.shape[0]
+        plans, ranges = self._row_plans(queries)
+        rows = []
+        for r in range(b):
+            qr, kr, vr = (q, k, v) if b == 1 else (q[r:r + 1], k[r:r + 1], v[r:r + 1])
+            q_sizes, k_sizes, docs = plans[r]
+            outs = []
+            for qd, kd, vd, d in zip(qr.split(q_sizes, 2), kr.split(k_sizes, 2), vr.split(k_sizes, 2), docs,
+                                     strict=True):
+                if qd.shape[2] == 0:
+                    continue
+                if d < 0:  # queries outside every document (padding): nothing reads them
+                    outs.append(torch.zeros_like(qd))
+                elif queries is None and not self.branched[d]:
+                    outs.append(F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=gqa))
+                else:
+                    outs.append(F.scaled_dot_product_attention(qd, kd, vd, attn_mask=self._doc_mask(d, queries, ranges[d]),
+                                                               enable_gqa=gqa))
+            rows.append(outs[0] if len(outs) == 1 else torch.cat(outs, dim=2))
+        return rows[0] if b == 1 else torch.cat(rows, dim=0)
+
+    def _row_plans(self, queries: QueryPositions | None) -> tuple[list[RowPlan], list[tuple[int, int]]]:
+        """Per row: the split sizes of its queries and of its keys, and the document of each piece
+        (-1: padding); and each document's query range. Built once per forward (per query layout)
+        and shared by every layer."""
+        key = None if queries is None else id(queries)
+        if key in self._plans:
+            return self._plans[key]
+        b, n = self.doc_ids.shape
+        lq = n if queries is None else queries.index.shape[1]
         ranges = self._query_ranges(queries)
-        pieces: list[list[Tensor]] = [[] for _ in range(b)]
-        filled = [0] * b
+        plans: list[RowPlan] = [([], [], []) for _ in range(b)]
+        q_at, k_at = [0] * b, [0] * b
         for d, (row, start, length) in enumerate(self.spans):
+            q_sizes, k_sizes, docs = plans[row]
             q0, q1 = ranges[d]
-            if q1 == q0:
-                continue
-            if q0 > filled[row]:
-                pieces[row].append(q.new_zeros(h, q0 - filled[row], hd))
-            kd, vd = k[row, :, start:start + length], v[row, :, start:start + length]
-            qd = q[row, :, q0:q1]
-            if queries is None and not self.branched[d]:
-                out = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=gqa)
-            else:
-                q_pos = (torch.arange(q0, q1, device=q.device) if queries is None else queries.index[row, q0:q1])
-                k_pos = torch.arange(start, start + length, device=q.device)
-                mask = self._allowed(q_pos[:, None], k_pos[None, :], row)
-                out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, enable_gqa=gqa)
-            pieces[row].append(out)
-            filled[row] = q1
-        for row in range(b):
-            if filled[row] < lq:
-                pieces[row].append(q.new_zeros(h, lq - filled[row], hd))
-        return torch.stack([torch.cat(p, dim=1) for p in pieces])
+            if q0 > q_at[row] or start > k_at[row]:  # padding before the document
+                q_sizes.append(q0 - q_at[row])
+                k_sizes.append(start - k_at[row])
+                docs.append(-1)
+            q_sizes.append(q1 - q0)
+            k_sizes.append(length)
+            docs.append(d)
+            q_at[row], k_at[row] = q1, start + length
+        for row, (q_sizes, k_sizes, docs) in enumerate(plans):
+            if q_at[row] < lq or k_at[row] < n:
+                q_sizes.append(lq - q_at[row])
+                k_sizes.append(n - k_at[row])
+                docs.append(-1)
+        self._plans[key] = plans, ranges
+        return plans, ranges
+
+    def _doc_mask(self, d: int, queries: QueryPositions | None, q_range: tuple[int, int]) -> Tensor:
+        """The [lq_d, l_d] mask of one document whose rule is more than causal (branches), or whose
+        queries are a subset of its positions."""
+        row, start, length = self.spans[d]
+        q0, q1 = q_range
+        device = self.doc_ids.device
+        q_pos = torch.arange(q0, q1, device=device) if queries is None else queries.index[row, q0:q1]
+        k_pos = torch.arange(start, start + length, device=device)
+        return self._allowed(q_pos[:, None], k_pos[None, :], row)
 
     def _query_ranges(self, queries: QueryPositions | None) -> list[tuple[int, int]]:
         """Per document, the [q0, q1) range of q's positions that belong to it (one host sync)."""
