@@ -183,20 +183,28 @@ def test_tiny_lora_sft_trains_adapters_only_checkpoints_them_resumes_and_merges(
 
 @pytest.mark.slow
 def test_lora_works_for_a_v1_stage_with_a_teacher_and_full_vision_training(tmp_path):
-    """Any stage: v1 stage 1 trains its patch embedding and aligning layer in full (PEFT
-    modules_to_save) next to adapters on the decoder, and final/ saves both."""
+    """Any stage: v1 stage 1 trains its patch embedding (PEFT modules_to_save) and its aligning
+    layer in full next to adapters on the decoder; final/ saves the adapters and the patch
+    embedding (the aligning layer is training-only), and merges into a whole model."""
     recipe = Recipe.load(recipes_root() / "tiny/eve_v1/1_prealign.yaml",
                          [f"output_dir={tmp_path}", "max_steps=2", "lora.r=4", "data.generated_samples=16"])
     trainer = Trainer.from_recipe(recipe, progress=False)
     assert set(recipe.trainable) & {"vision", "aligner"}
     groups = set(trainer.parts.groups)
-    assert "lora" in groups and "vision" in groups
+    assert {"lora", "vision", "aligner"} <= groups
     result = trainer.train()
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
     assert "aligning_loss" in result.history[0]
     saved = _adapter_tensors(tmp_path / "final")
-    assert any("lora_" in k for k in saved) and any("vision_tower" in k for k in saved)
-    assert not any(".layers.0.self_attn.q_proj.weight" in k for k in saved)  # no base decoder weight
+    assert any("lora_" in k for k in saved) and any("vision_tower." in k for k in saved)
+    assert not any("vision_tower_compressor" in k or k.endswith("q_proj.weight") for k in saved), sorted(saved)
+    init = tmp_path / "init-tiny"
+    assert eve_main(["merge-lora", str(init), str(tmp_path / "final"), str(tmp_path / "merged")]) == 0
+    merged = EveForCausalLM.from_pretrained(tmp_path / "merged").state_dict()
+    base = EveForCausalLM.from_pretrained(init).state_dict()
+    assert merged.keys() == base.keys()
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    assert any(k.startswith("model.vision_tower.") for k in changed) and any(".q_proj." in k for k in changed)
 
 
 def test_lora_keeps_frozen_layers_free_of_adapters(folder):

@@ -84,32 +84,33 @@ def apply_lora(model: EveForCausalLM, spec: LoraSpec, frozen: list[str] | tuple[
     return peft_model
 
 
-# The modules of the groups a LoRA stage may train in full (train/params.py: param_group_of).
-GROUP_MODULES = {
-    "vision": ("model.vision_tower", "model.mm_projector"),
-    "aligner": ("model.vision_tower_compressor",),
-}
+# The modules of the groups a LoRA stage may train in full and save with the adapter; v1's
+# aligning layer (group "aligner") is training-only: it trains in full and goes into the
+# checkpoints for resuming, never into final/.
+GROUP_MODULES = {"vision": ("model.vision_tower", "model.mm_projector")}
 
 
 def attach_lora(
     model: EveForCausalLM, spec: LoraSpec, groups: list[str], frozen: list[str]
 ) -> tuple[Any, dict[str, list[nn.Parameter]]]:
-    """A recipe's LoRA set-up: adapters on the decoder; the `groups` LoRA does not adapt (vision,
-    aligner) become PEFT `modules_to_save`, trained in full and saved with the adapter, less the
-    parameters matching a `frozen` pattern. Returns the PEFT model and its trainable parameters by
-    group ("lora": the adapters and the recipe's own `modules_to_save`)."""
+    """A recipe's LoRA set-up: adapters on the decoder; the vision group, when `groups` names it,
+    becomes PEFT `modules_to_save` (trained in full, saved with the adapter), the aligner trains in
+    full unsaved; parameters matching a `frozen` pattern stay fixed. Returns the PEFT model and its
+    trainable parameters by group ("lora": the adapters and the recipe's own `modules_to_save`)."""
     names = {n for n, _ in model.named_modules()}
     full = [m for g in groups if g not in ADAPTED_GROUPS for m in GROUP_MODULES.get(g, ()) if m in names]
     spec = dataclasses.replace(spec, modules_to_save=list(dict.fromkeys([*spec.modules_to_save, *full])))
     peft_model = apply_lora(model, spec, frozen)
     out: dict[str, list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        plain = name.replace(".modules_to_save.default.", ".")  # the trained copy's original name
+        plain = name.replace(".modules_to_save.default.", ".")  # a trained copy's original name
         if any(fnmatch.fnmatchcase(plain, f) for f in frozen):
             p.requires_grad_(False)
-        elif "lora_" in name or not any(plain.startswith(m + ".") for m in full):
+        elif param_group_of(name) == "aligner" and "aligner" in groups:
+            p.requires_grad_(True)
+        if not p.requires_grad:
+            continue
+        if "lora_" in name or not any(plain.startswith(m + ".") for m in full) and param_group_of(name) != "aligner":
             out.setdefault("lora", []).append(p)
         else:
             out.setdefault(param_group_of(plain), []).append(p)
