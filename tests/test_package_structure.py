@@ -141,16 +141,20 @@ def test_bench_scripts_use_public_names_only():
     assert not found, "\n".join(found)
 
 
-def test_only_the_quickstart_imports_the_quickstart():
-    """The study sits on top of the library; the CLI registers its subcommand by name (a string,
-    not an import), so no module outside quickstart/ imports it."""
+STUDIES = ("quickstart", "compare")  # on top of the library; compare reuses the quickstart's data and weights
+
+
+@pytest.mark.parametrize("study", STUDIES)
+def test_only_the_studies_import_a_study(study):
+    """The studies sit on top of the library; the CLI registers their subcommands by name (a
+    string, not an import), so no library module imports them."""
     found = [
         f"{i.importer}:{i.line}"
         for i in package_imports()
-        if (i.target == f"{PACKAGE}.quickstart" or i.target.startswith(f"{PACKAGE}.quickstart."))
-        and not i.importer.startswith(f"{PACKAGE}.quickstart")
+        if (i.target == f"{PACKAGE}.{study}" or i.target.startswith(f"{PACKAGE}.{study}."))
+        and not i.importer.startswith(tuple(f"{PACKAGE}.{s}" for s in STUDIES))
     ]
-    assert not found, "modules outside quickstart/ importing it: " + ", ".join(found)
+    assert not found, f"library modules importing {study}/: " + ", ".join(found)
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,7 @@ SUBCOMMAND_MODULES = (
     "eve_vlm.eval.profile_cli",
     "eve_vlm.export.cli",
     "eve_vlm.quickstart.cli",
+    "eve_vlm.compare.cli",
 )
 # Subcommand modules whose package needs an optional dependency, with the commands they add:
 # without it those commands still show in the help and fail in one line saying what to install.
