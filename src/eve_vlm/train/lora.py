@@ -1,7 +1,9 @@
-"""LoRA fine-tuning through PEFT: the recipe's `lora:` section, adapter-only saving, merging.
+"""LoRA fine-tuning through PEFT: the recipe's `lora:` section (recipe.LoraSpec) on a model, merging.
 
 PEFT does the work (adapters, saving only them, merging); this module picks the EVE modules to
-adapt and keeps our checkpoint format for the merged model.
+adapt, decides what else trains (the builder calls `attach_lora`), and writes the merged model in
+our checkpoint format. Checkpoints and final/ of a LoRA stage hold the adapter
+(checkpointing.py, export.py).
 """
 
 from __future__ import annotations
@@ -75,7 +77,10 @@ def lora_config(model: EveForCausalLM, spec: LoraSpec, frozen: list[str] | tuple
 
 def apply_lora(model: EveForCausalLM, spec: LoraSpec, frozen: list[str] | tuple[str, ...] = ()) -> Any:
     """Wrap `model` in a PEFT model: only the adapters (and `modules_to_save`) are trainable."""
-    from peft import get_peft_model
+    try:
+        from peft import get_peft_model
+    except ImportError as exc:
+        raise LoraError("a lora: section needs PEFT: pip install 'eve-vlm[lora]'") from exc
 
     peft_model = get_peft_model(model, lora_config(model, spec, frozen))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
