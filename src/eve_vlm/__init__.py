@@ -19,12 +19,19 @@ _LAZY = {
 
 
 def _register_auto_classes() -> None:
-    """Make `AutoConfig`, `AutoModelForCausalLM`, `AutoModelForImageTextToText` and
-    `AutoProcessor` resolve our `model_type` ("eve_vlm") and the released ones ("eve",
+    """Make `AutoConfig`, `AutoModelForCausalLM`, `AutoModelForImageTextToText`, `AutoProcessor`
+    and `AutoImageProcessor` resolve our `model_type` ("eve_vlm") and the released ones ("eve",
     "eve-qwen2"), which `EveConfig.from_dict` reads into the same class."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
+    from transformers import (
+        AutoConfig,
+        AutoImageProcessor,
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+        AutoProcessor,
+    )
 
     from .model.config import OFFICIAL_MODEL_TYPES, OUR_MODEL_TYPE
+    from .processing.hf_image_processor import EveImageProcessorHF
 
     AutoConfig.register(OUR_MODEL_TYPE, EveConfig, exist_ok=True)
     for official in OFFICIAL_MODEL_TYPES:
@@ -37,6 +44,13 @@ def _register_auto_classes() -> None:
         return importlib.import_module("eve_vlm.processing.processor").EveProcessor
 
     AutoProcessor.register(EveConfig, _LazyProcessor(processor_class), exist_ok=True)
+    # By class: AutoImageProcessor finds a registered class by the name in preprocessor_config.json.
+    # One class for both backends: its pixels never depend on torchvision.
+    AutoImageProcessor.register(
+        EveConfig,
+        image_processor_classes={"pil": EveImageProcessorHF, "torchvision": EveImageProcessorHF},
+        exist_ok=True,
+    )
 
 
 class _LazyProcessor:

@@ -233,6 +233,8 @@ class EveImageConfig:
         keys = self._V1_KEYS if self.version == "v1" else self._V2_KEYS
         out.update({k: getattr(self, k) for k in keys})
         out["eve_version"] = self.version
+        # AutoImageProcessor reads this before feature_extractor_type: our wrapper, not CLIP's.
+        out["image_processor_type"] = "EveImageProcessorHF"
         if self.version == "v2":
             out["resize_mode"] = self.resize_mode
         return out
