@@ -46,10 +46,10 @@ def reference_grid(data_fractions: tuple[float, ...], wall_seconds: float) -> Gr
     return Grid(data_fractions, wall_seconds, REFERENCE_TRAIN_FLOPS_PER_SECOND * wall_seconds)
 
 
-# Default: 3 models x (210 s of training + ~25 s of evaluation) plus set-up: ~13 minutes at the
-# reference speed, 20 minutes at 1.5x its step times. Full: 9 runs of 300 s: ~51 minutes.
-DEFAULT_GRID = reference_grid((0.25,), 210.0)
-FULL_GRID = reference_grid((0.25, 0.5, 1.0), 300.0)
+# Default: 3 models x (240 s of training + ~30 s of evaluation + ~30 s to build and save a model)
+# plus ~1 minute of set-up: ~16 minutes at the reference speed. Full: 9 such runs of 270 s: ~52 minutes.
+DEFAULT_GRID = reference_grid((0.25,), 240.0)
+FULL_GRID = reference_grid((0.25, 0.5, 1.0), 270.0)
 
 
 @dataclass
