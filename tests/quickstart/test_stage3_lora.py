@@ -38,3 +38,27 @@ def test_help_names_the_flag(capsys):
     with pytest.raises(SystemExit):
         main(["quickstart", "--help"])
     assert "--stage3-lora" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_few_steps_of_the_quickstart_with_stage3_lora_end_to_end(tmp_path):
+    """The plumbing, not the accuracy: stage 3's final/ is the adapter, OUT/final the merged model
+    that the evaluations, the report and `eve chat` use."""
+    pytest.importorskip("easy_vqa")
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from safetensors.torch import load_file
+
+    from eve_vlm import EveForCausalLM
+    from eve_vlm.quickstart.run import run_quickstart
+
+    out = tmp_path / "qs"
+    cfg = QuickstartConfig(out=out, steps_scale=0.005, eval_questions=8, blind=True, fit_budget=False,
+                           multiturn_conversations=1, stage3_lora=True)
+    metrics = run_quickstart(cfg)
+    assert metrics["stage3"].startswith("lora ") and metrics["steps"]["3_sft"] == 6
+    adapter = load_file(str(out / "3_sft/final/adapter_model.safetensors"))
+    assert adapter and all("lora_" in k for k in adapter)
+    assert not any(".layers.0." in k or ".layers.1." in k for k in adapter)  # frozen layers get none
+    merged = EveForCausalLM.from_pretrained(out / "final")
+    assert not any("lora" in k for k in merged.state_dict())
+    assert "- stage 3: lora " in (out / "report.md").read_text()
