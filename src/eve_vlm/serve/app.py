@@ -84,7 +84,14 @@ def error_response(
     """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
     kind = kind or ("invalid_request_error" if status < 500 else "server_error")
     return JSONResponse(
-        {"error": {"message": message, "type": kind, "param": param, "code": code if code is not None else status}},
+        {
+            "error": {
+                "message": message,
+                "type": kind,
+                "param": param,
+                "code": code if code is not None else status,
+            }
+        },
         status_code=status,
         headers=headers,
     )
@@ -117,12 +124,16 @@ def _validation_error(exc: ValidationError) -> JSONResponse:
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise RequestError(f"request body is {declared} bytes; the limit is {limit} (--max-body-mb)", "body", 413)
+        raise RequestError(
+            f"request body is {declared} bytes; the limit is {limit} (--max-body-mb)", "body", 413
+        )
     body = bytearray()
     async for chunk in request.stream():
         body.extend(chunk)
         if len(body) > limit:
-            raise RequestError(f"request body exceeds the limit of {limit} bytes (--max-body-mb)", "body", 413)
+            raise RequestError(
+                f"request body exceeds the limit of {limit} bytes (--max-body-mb)", "body", 413
+            )
     return bytes(body)
 
 
@@ -332,7 +343,14 @@ async def _sse(ticket: Ticket, completion_id: str, model_name: str, watch: _Watc
                 yield chunk({"content": event.text})
             elif event.kind == "error":
                 ended = True
-                err = {"error": {"message": event.text, "type": "server_error", "param": None, "code": event.status}}
+                err = {
+                    "error": {
+                        "message": event.text,
+                        "type": "server_error",
+                        "param": None,
+                        "code": event.status,
+                    }
+                }
                 yield f"data: {json.dumps(err)}\n\n"
             else:
                 ended = True

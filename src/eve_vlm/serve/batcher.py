@@ -206,7 +206,9 @@ class ModelWorker:
         self.start()
         with self._cond:
             if len(self._waiting) >= self.max_queue:
-                raise QueueFullError(f"{len(self._waiting)} requests are waiting (max_queue={self.max_queue})")
+                raise QueueFullError(
+                    f"{len(self._waiting)} requests are waiting (max_queue={self.max_queue})"
+                )
             self._waiting.append(entry(ticket))
             self._cond.notify_all()
         return ticket
@@ -228,8 +230,9 @@ class Batcher(ModelWorker):
         request_timeout_s: float | None = None,
         eos_token_ids: list[int] | None = None,
     ) -> None:
-        super().__init__(model, processor, max_batch_size=max_batch_size, max_queue=max_queue,
-                         eos_token_ids=eos_token_ids)
+        super().__init__(
+            model, processor, max_batch_size=max_batch_size, max_queue=max_queue, eos_token_ids=eos_token_ids
+        )
         self.max_wait = max_wait_ms / 1000
         self.request_timeout_s = request_timeout_s
         self._ids = itertools.count()

@@ -35,15 +35,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch-size", type=positive_int, default=8, help="requests decoded together")
     p.add_argument("--max-queue", type=positive_int, default=256, help="waiting requests; more get 503")
     p.add_argument(
-        "--batch-wait-ms", type=non_negative_float, default=5.0, help="dynamic: how long to gather concurrent requests into a batch"
+        "--batch-wait-ms",
+        type=non_negative_float,
+        default=5.0,
+        help="dynamic: how long to gather concurrent requests into a batch",
     )
     p.add_argument(
-        "--kv-capacity", type=positive_int, default=2048, help="continuous: KV-cache tokens per row (prompt + answer)"
+        "--kv-capacity",
+        type=positive_int,
+        default=2048,
+        help="continuous: KV-cache tokens per row (prompt + answer)",
     )
     p.add_argument(
-        "--prefill-chunk", type=positive_int, default=512, help="continuous: longer prompts prefill in chunks of this many tokens"
+        "--prefill-chunk",
+        type=positive_int,
+        default=512,
+        help="continuous: longer prompts prefill in chunks of this many tokens",
     )
-    p.add_argument("--request-timeout", type=positive_float, default=600.0, help="seconds a request may take in all")
+    p.add_argument(
+        "--request-timeout", type=positive_float, default=600.0, help="seconds a request may take in all"
+    )
     p.add_argument(
         "--allow-remote-images", action="store_true", help="let the server fetch http(s) image URLs"
     )
@@ -55,9 +66,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-images", type=positive_int, default=4, help="images per request")
     p.add_argument("--max-image-pixels", type=positive_int, default=4096 * 4096, help="pixels per image")
     p.add_argument(
-        "--max-prompt-tokens", type=positive_int, default=8192, help="prompt tokens per request, images included"
+        "--max-prompt-tokens",
+        type=positive_int,
+        default=8192,
+        help="prompt tokens per request, images included",
     )
-    p.add_argument("--max-output-tokens", type=positive_int, default=1024, help="largest max_tokens a client may ask")
+    p.add_argument(
+        "--max-output-tokens", type=positive_int, default=1024, help="largest max_tokens a client may ask"
+    )
     p.add_argument("--max-body-mb", type=positive_float, default=20.0, help="largest request body, in MiB")
     p.set_defaults(func=run)
 

@@ -104,8 +104,12 @@ class SlotKVCache:
         slot = self.rows
         for layer in range(len(cache.keys)):
             self._ensure(layer, cache.keys[layer])
-            self._keys[layer][slot, :, self.length - n : self.length] = cache.keys[layer][row, :, src - n : src]
-            self._values[layer][slot, :, self.length - n : self.length] = cache.values[layer][row, :, src - n : src]
+            self._keys[layer][slot, :, self.length - n : self.length] = cache.keys[layer][
+                row, :, src - n : src
+            ]
+            self._values[layer][slot, :, self.length - n : self.length] = cache.values[layer][
+                row, :, src - n : src
+            ]
         self._valid[slot] = False
         self._valid[slot, self.length - n : self.length] = valid[src - n :]
         self._next[slot] = cache.next_position[row]

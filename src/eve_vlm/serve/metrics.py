@@ -32,13 +32,18 @@ class ServeMetrics:
         )  # exposed as eve:requests_total
         self.queue_depth = Gauge("eve:num_requests_waiting", "Requests waiting for a batch row", registry=r)
         self.running = Gauge("eve:num_requests_running", "Rows decoding now", registry=r)
-        self.prompt_tokens = Counter("eve:prompt_tokens", "Prompt tokens prefilled (images included)", registry=r)
+        self.prompt_tokens = Counter(
+            "eve:prompt_tokens", "Prompt tokens prefilled (images included)", registry=r
+        )
         self.generation_tokens = Counter("eve:generation_tokens", "Tokens generated", registry=r)
         self.ttft = Histogram(
             "eve:time_to_first_token_seconds", "Arrival to first token", buckets=LATENCY_BUCKETS, registry=r
         )
         self.itl = Histogram(
-            "eve:inter_token_latency_seconds", "Time between tokens of one request", buckets=TOKEN_BUCKETS, registry=r
+            "eve:inter_token_latency_seconds",
+            "Time between tokens of one request",
+            buckets=TOKEN_BUCKETS,
+            registry=r,
         )
         self.e2e = Histogram(
             "eve:e2e_request_latency_seconds", "Arrival to last token", buckets=LATENCY_BUCKETS, registry=r

@@ -73,8 +73,9 @@ class ContinuousScheduler(ModelWorker):
     ) -> None:
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
-        super().__init__(model, processor, max_batch_size=max_batch_size, max_queue=max_queue,
-                         eos_token_ids=eos_token_ids)
+        super().__init__(
+            model, processor, max_batch_size=max_batch_size, max_queue=max_queue, eos_token_ids=eos_token_ids
+        )
         self.kv_capacity = kv_capacity
         self.prefill_chunk = prefill_chunk
         self.request_timeout_s = request_timeout_s
@@ -153,7 +154,9 @@ class ContinuousScheduler(ModelWorker):
                 self.cancelled_rows += 1
                 self._leave(slot)
             elif self._expired(row):
-                row.ticket.push(Event("error", f"request timed out after {self.request_timeout_s:g} s", status=504))
+                row.ticket.push(
+                    Event("error", f"request timed out after {self.request_timeout_s:g} s", status=504)
+                )
                 self._leave(slot)
         for rows in (self._admitted,):
             for row in list(rows):
@@ -183,7 +186,11 @@ class ContinuousScheduler(ModelWorker):
 
     # ------------------------------------------------------------------ prefill
     def _prefill_some(self) -> None:
-        if self._chunking is None and self._admitted and self._admitted[0].ticket.request.prompt_tokens > self.prefill_chunk:
+        if (
+            self._chunking is None
+            and self._admitted
+            and self._admitted[0].ticket.request.prompt_tokens > self.prefill_chunk
+        ):
             self._chunking = self._admitted.popleft()
         batch: list[_Live] = []
         budget = self.prefill_chunk
@@ -211,8 +218,12 @@ class ContinuousScheduler(ModelWorker):
         images = [img.to(dev, dtype) for r in batch for img in r.ticket.request.images]
         with torch.inference_mode():
             out = self.model(
-                ids.to(dev), images=images or None, attention_mask=mask.to(dev), use_cache=True,
-                padding_side="left", logits_to_keep=1,
+                ids.to(dev),
+                images=images or None,
+                attention_mask=mask.to(dev),
+                use_cache=True,
+                padding_side="left",
+                logits_to_keep=1,
             )
         self._start_rows(batch, out.logits[:, -1], out.past_key_values)
 
@@ -233,8 +244,12 @@ class ContinuousScheduler(ModelWorker):
         chunk = torch.tensor([ids[start:end]], dtype=torch.long, device=dev)
         with torch.inference_mode():
             out = self.model(
-                chunk, images=images or None, attention_mask=torch.ones_like(chunk),
-                past_key_values=row.cache, use_cache=True, logits_to_keep=1,
+                chunk,
+                images=images or None,
+                attention_mask=torch.ones_like(chunk),
+                past_key_values=row.cache,
+                use_cache=True,
+                logits_to_keep=1,
             )
         row.cache, row.done_ids, row.done_images = out.past_key_values, end, img + n_img
         if end == len(ids):
@@ -265,11 +280,17 @@ class ContinuousScheduler(ModelWorker):
         dev = self.model.device
         step_ids = torch.tensor([[r.last] for r in self._live], dtype=torch.long, device=dev)
         with torch.inference_mode():
-            out = self.model(step_ids, attention_mask=torch.ones_like(step_ids), past_key_values=self.pool, use_cache=True)
+            out = self.model(
+                step_ids, attention_mask=torch.ones_like(step_ids), past_key_values=self.pool, use_cache=True
+            )
         self.steps_run += 1
         self.batch_sizes.append(len(self._live))
         tokens = self._select(self._live, out.logits[:, -1])
-        finished = [slot for slot, (row, token) in enumerate(zip(self._live, tokens, strict=True)) if self._take(row, token)]
+        finished = [
+            slot
+            for slot, (row, token) in enumerate(zip(self._live, tokens, strict=True))
+            if self._take(row, token)
+        ]
         for slot in reversed(finished):
             self._leave(slot)
 
@@ -322,4 +343,3 @@ class ContinuousScheduler(ModelWorker):
                 completion_tokens=len(row.seq),
             )
         )
-
