@@ -63,7 +63,7 @@ def write_report(summary: dict[str, Any], out: Path, plots: list[str]) -> None:
         "",
         f"Budgets per run: **{grid['flops_budget']:.3g} training FLOPs** (FLOPs budget) or "
         f"**{grid['wall_budget_seconds']:.0f} training seconds** (wall budget); held-out accuracy on "
-        f"{grid['eval_questions']} easy-VQA test questions, greedy. Training images: "
+        f"{grid['eval_questions']} held-out test questions, greedy. Training images: "
         + ", ".join(f"{f:g}" for f in grid["data_fractions"]) + f" of {grid['train_images']}.",
         "",
         "## Accuracy at the end of each budget",

@@ -129,13 +129,14 @@ def check_points(p: Progress, evaluate_now: Any, give_up_wall: bool = False) -> 
         p.at_budget["wall"] = dict(point, wall_budget_reached=reached)
 
 
-def inference_flops_per_answer(model: Any, processor: Any, question: Question, pixels: torch.Tensor, visual_tokens: int) -> float:
+def inference_flops_per_answer(model: Any, processor: Any, question: Question, pixels: torch.Tensor,
+                               visual_tokens: int) -> float:
     """Forward FLOPs of answering one question: the vision part, the prefill (LM head at the last
     position) and the decode steps of a one-word answer."""
     from PIL import Image
 
-    ids = processor(build_prompts(processor, ["<image>\n" + question.text]), images=[Image.open(question.image).convert("RGB")],
-                    return_tensors=None)["input_ids"][0]
+    image = Image.open(question.image).convert("RGB")
+    ids = processor(build_prompts(processor, ["<image>\n" + question.text]), images=[image], return_tensors=None)["input_ids"][0]
     context = visual_tokens + len(ids) - 1
     config = model.config
     prefill = sum(decoder_macs(config, context, 1, attention="causal").values())
@@ -169,13 +170,17 @@ def run_one(kind: str, fraction: float, data: dict[str, Path], study: StudyData,
         "align": mean_row(data["captions"], processor, template="plain", independent_turns=False, max_length=128),
         "sft": mean_row(data["qa"], processor, template="chatml", independent_turns=True, max_length=512),
     }
+    def recipe_for(stage: str, steps: int) -> Any:
+        records = data["captions" if stage == "align" else "qa"]
+        return stage_recipe(kind, stage, version=model.config.version, data=records, out=out / stage, steps=steps,
+                            seed=cfg.seed, cfg=cfg)
+
     # alignment: its share of the FLOPs budget, under both budgets
-    probe = stage_recipe(kind, "align", version=model.config.version, data=data["captions"], out=out / "align", steps=1, seed=cfg.seed, cfg=cfg)
-    teacher = build_teacher(probe)
+    teacher = build_teacher(recipe_for("align", 1))  # the recipe's teacher, to count its forward
     align = step_flops(model, pixels, visual_tokens, rows["align"], cfg.batch_size, vision_trains=True, llm_trains=False,
                        visual_llm_trains=kind == "eve_v2", teacher=teacher)
     align_steps = max(1, math.ceil(cfg.align_fraction * grid.flops / align.step))
-    recipe = stage_recipe(kind, "align", version=model.config.version, data=data["captions"], out=out / "align", steps=align_steps, seed=cfg.seed, cfg=cfg)
+    recipe = recipe_for("align", align_steps)
     trainer = Trainer.from_recipe(recipe, model=model, processor=processor, progress=False)
     result = trainer.train()
     model = trainer.model
@@ -191,7 +196,7 @@ def run_one(kind: str, fraction: float, data: dict[str, Path], study: StudyData,
     sft = step_flops(model, pixels, visual_tokens, rows["sft"], cfg.sft_batch_size, vision_trains=True, llm_trains=True)
     sft_steps = max(1, math.ceil(max(grid.flops - progress.flops, 0.0) / sft.step))
     if not progress.done:
-        recipe = stage_recipe(kind, "sft", version=model.config.version, data=data["qa"], out=out / "sft", steps=sft_steps, seed=cfg.seed, cfg=cfg)
+        recipe = recipe_for("sft", sft_steps)
         callback = BudgetCallback(progress, sft, evaluate_now)
         trainer = Trainer.from_recipe(recipe, model=model, processor=processor, callbacks=[callback], progress=False)
         trainer.train()
