@@ -190,10 +190,11 @@ def flex_fns(model: EveForCausalLM, lengths: list[int]) -> tuple[dict[str, Calla
     q, k, v = qkv_of(model, 1, n, torch.Generator().manual_seed(0))
     mode = "forward + backward"
     try:
-        flex(q, k, v, block_mask=block_mask, enable_gqa=True).sum().backward()
+        # probed uncompiled: a compiled function that raised once falls back to eager for good
+        flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True).sum().backward()
     except Exception as e:  # noqa: BLE001 - report whatever stops it, then time forward only
         mode = f"forward only ({type(e).__name__}: {str(e).split('.')[0]})"
-        q, k, v = q.detach(), k.detach(), v.detach()
+        q, k, v = (t.detach().clone() for t in (q, k, v))  # not views of grad-requiring tensors
 
     def run(fn: Callable[[], torch.Tensor]) -> None:
         for _ in range(n_layers):
