@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from eve_vlm.compare.config import DEFAULT_GRID, FULL_GRID, CompareConfig, Grid
+from eve_vlm.compare.config import DEFAULT_GRID, FULL_GRID, REFERENCE_TRAIN_FLOPS_PER_SECOND, CompareConfig, Grid
 from eve_vlm.compare.run import Progress, check_points
 
 from .conftest import shapes_study
@@ -24,7 +24,7 @@ def test_bad_settings_are_clear_errors():
 def test_the_grids_budgets_follow_the_reference_speed():
     assert DEFAULT_GRID.data_fractions == (0.25,) and FULL_GRID.data_fractions == (0.25, 0.5, 1.0)
     for grid in (DEFAULT_GRID, FULL_GRID):
-        assert grid.flops == pytest.approx(grid.wall_seconds * 1.2e11)
+        assert grid.flops == pytest.approx(grid.wall_seconds * REFERENCE_TRAIN_FLOPS_PER_SECOND)
     assert CompareConfig(full=True).the_grid is FULL_GRID and CompareConfig().the_grid is DEFAULT_GRID
 
 
