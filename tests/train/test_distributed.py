@@ -227,3 +227,45 @@ def test_a_dead_rank_stops_the_job_within_60_s_naming_it(tmp_path: Path) -> None
     assert proc.returncode != 0
     assert elapsed < 60, f"the job took {elapsed:.0f} s to stop"
     assert "rank      : 1 (local_rank: 1)" in err and "exitcode  : -9" in err, err[-3000:]
+
+
+@pytest.mark.slow
+def test_a_hung_rank_fails_the_job_after_the_collective_timeout(tmp_path: Path) -> None:
+    """A rank that stops without dying (SIGSTOP) is not seen by torchrun; the other rank's next
+    collective gives up after EVE_DIST_TIMEOUT_S and the job fails instead of waiting forever."""
+    out = tmp_path / "run"
+    cmd = _torchrun_cmd(2, V2, out, "max_steps=100000", "micro_batch_size=4", "global_batch_size=8",
+                        "distributed=fsdp")
+    log_path = tmp_path / "torchrun.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env={**_env(), "EVE_DIST_TIMEOUT_S": "10"}, stdout=log, stderr=log,
+                                start_new_session=True)
+    try:
+        metrics = out / "metrics.jsonl"
+        deadline = time.monotonic() + 240
+        while (not metrics.is_file() or not metrics.read_text().strip()) and time.monotonic() < deadline:
+            assert proc.poll() is None, log_path.read_text()[-4000:]
+            time.sleep(0.05)
+        pids = _job_pids(out, rank=1)
+        assert len(pids) == 1, f"workers with RANK=1: {pids}"
+        os.kill(pids[0], signal.SIGSTOP)
+        proc.wait(timeout=120)  # 10 s timeout, then torchrun's grace period before it kills the stopped rank
+    finally:
+        _kill_all(out)
+        proc.wait()
+    err = log_path.read_text()
+    assert proc.returncode != 0
+    assert "Timed out waiting 10000ms" in err, err[-3000:]
+
+
+def test_the_collective_timeout_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from eve_vlm.train.distributed import collective_timeout_s
+
+    monkeypatch.delenv("EVE_DIST_TIMEOUT_S", raising=False)
+    assert collective_timeout_s() == 600
+    monkeypatch.setenv("EVE_DIST_TIMEOUT_S", "45")
+    assert collective_timeout_s() == 45
+    for bad in ("0", "ten"):
+        monkeypatch.setenv("EVE_DIST_TIMEOUT_S", bad)
+        with pytest.raises(ValueError, match="EVE_DIST_TIMEOUT_S must be a positive number of seconds"):
+            collective_timeout_s()

@@ -19,7 +19,22 @@ from torch import nn
 
 # How long a collective waits for a missing rank before failing. torchrun already stops the job
 # when a worker process dies; this bounds the wait when a rank hangs without dying.
-DEFAULT_TIMEOUT_S = float(os.environ.get("EVE_DIST_TIMEOUT_S", "600"))
+DEFAULT_TIMEOUT_S = 600.0
+TIMEOUT_ENV = "EVE_DIST_TIMEOUT_S"
+
+
+def collective_timeout_s() -> float:
+    """`EVE_DIST_TIMEOUT_S` (seconds, default 600): the process group's timeout for collectives."""
+    raw = os.environ.get(TIMEOUT_ENV, "")
+    if not raw:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise ValueError(f"{TIMEOUT_ENV} must be a positive number of seconds, got {raw!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -40,7 +55,7 @@ def init_distributed(device: torch.device) -> DistInfo:
         return DistInfo()
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=DEFAULT_TIMEOUT_S))
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=collective_timeout_s()))
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
