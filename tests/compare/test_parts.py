@@ -94,3 +94,32 @@ def test_a_frozen_encoder_counts_forward_only(tiny_factory):
     assert trains.step == pytest.approx(4 * sum(trains.per_row.values()))
     frozen_llm = step_flops(model, pixels, tokens, RowShape(10, 2), 4, vision_trains=True, llm_trains=False)
     assert frozen_llm.per_row["decoder"] == pytest.approx(trains.per_row["decoder"] * 2 / 3)
+
+
+def test_without_matplotlib_the_report_is_written_without_plots(tmp_path, monkeypatch):
+    import builtins
+
+    from eve_vlm.compare.report import plot_curves, write_report
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    point = {"train_flops": 1e9, "train_seconds": 2.0, "accuracy": 0.5, "per_type": {"color": 0.5}, "steps": 3}
+    cost = {"visual_tokens": 21, "align_steps": 1, "align_step": 1e8, "sft_step": 2e8, "align_row_parts": {"decoder": 1.0},
+            "sft_row_parts": {"decoder": 2.0}}
+    run = {"model": "eve_v2", "budget": "flops", "data_fraction": 0.25, "train_images": 10, "inference_flops_per_answer": 5e8,
+           **{k: point[k] for k in ("train_flops", "train_seconds", "accuracy", "per_type", "steps")}, "curve": [point], "cost": cost}
+    summary = {"command": "eve compare --out X", "seed": 0, "wall_seconds": 60.0, "runs": [run], "models": {},
+               "machine": {"platform": "test", "threads": 2, "torch": "x"},
+               "grid": {"flops_budget": 1e9, "wall_budget_seconds": 2.0, "eval_questions": 4, "data_fractions": [0.25],
+                        "train_images": 40}}
+    assert plot_curves([run], tmp_path) == []
+    write_report(summary, tmp_path, [])
+    report = (tmp_path / "report.md").read_text()
+    assert "no plots: matplotlib is not installed" in report and "**50.0%**" in report
+    assert not list(tmp_path.glob("*.png"))
