@@ -6,7 +6,13 @@ import json
 
 import pytest
 
-from eve_vlm.compare.config import DEFAULT_GRID, FULL_GRID, REFERENCE_TRAIN_FLOPS_PER_SECOND, CompareConfig, Grid
+from eve_vlm.compare.config import (
+    DEFAULT_GRID,
+    FULL_GRID,
+    REFERENCE_TRAIN_FLOPS_PER_SECOND,
+    CompareConfig,
+    Grid,
+)
 from eve_vlm.compare.run import Progress, check_points
 
 from .conftest import shapes_study
