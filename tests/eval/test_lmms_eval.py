@@ -149,6 +149,10 @@ def test_lmms_evals_own_multiple_choice_scoring_picks_the_likeliest_choice(
     the highest log-likelihood under the model, computed here independently from its loss."""
     import datasets.config
     import huggingface_hub.constants
+    from PIL import ImageFile
+
+    # lmms_eval.api.task sets Pillow's global LOAD_TRUNCATED_IMAGES on import: undone after the test.
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", ImageFile.LOAD_TRUNCATED_IMAGES)
     from lmms_eval.tasks import TaskManager, get_task_dict
 
     # Read at import time, so the environment variables come too late here: no network tries.
