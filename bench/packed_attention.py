@@ -18,8 +18,10 @@ against the sum of each sample's own causal attention.
 
 Robust on a shared, noisy machine: the variants run interleaved (their order rotates every
 repeat), each figure is the median over --reps, and the ratios are medians of the per-repeat
-ratios (each repeat compares variants that ran seconds apart). `--threads 1` (the default) because
-two OpenMP threads on two cores that other jobs share stall each other, which swamps the ratios.
+ratios (each repeat compares variants that ran seconds apart), then again as ratios of the
+medians (a repeat that another job stalled skews its paired ratios but not the medians).
+`--threads 1` (the default) because two OpenMP threads on two cores that other jobs share stall
+each other, which swamps the ratios.
 ``--flex`` adds the attention core with compiled FlexAttention (document block mask), forward and,
 where this torch can, backward.
 """
@@ -252,7 +254,11 @@ def report(version: str, model: EveForCausalLM, args: argparse.Namespace) -> Non
           f"{paired(steps, 'b', 'c'):.2f}x; fwd+bwd (c) vs (a): {paired(fb, 'a', 'c'):.2f}x, "
           f"vs (b): {paired(fb, 'b', 'c'):.2f}x")
     print(f"{version} attention (c) / per-sample sum: {paired(attn, 'c', 'sum'):.2f}x; "
-          f"(a): {paired(attn, 'a', 'sum'):.2f}x; (b): {paired(attn, 'b', 'sum'):.2f}x", flush=True)
+          f"(a): {paired(attn, 'a', 'sum'):.2f}x; (b): {paired(attn, 'b', 'sum'):.2f}x")
+    # a repeat that another job stalled skews its paired ratio; the ratio of medians does not see it
+    print(f"{version} the same as ratios of the medians: step (c) vs (a) "
+          f"{median(steps['a']) / median(steps['c']):.2f}x, vs (b) {median(steps['b']) / median(steps['c']):.2f}x; "
+          f"attention (c) / per-sample sum {median(attn['c']) / median(attn['sum']):.2f}x", flush=True)
     if args.profile:
         profile_steps(model, timer, args.profile)
     if args.flex:
