@@ -231,3 +231,22 @@ def test_get_peft_model_directly_on_eve_trains_a_step(folder):
     assert all(not torch.equal(trainable[n], b) for n, b in b_before.items())  # lora_B left zero
     with torch.no_grad():
         assert float(peft_model(**inputs, labels=labels).loss) != float(loss)
+
+
+def test_lora_with_the_vision_group_keeps_an_encoder_based_models_encoder_frozen(tmp_path):
+    """The vision tower trains in full as a PEFT module to save; the pretrained encoder inside it
+    stays frozen unless the recipe names the group `encoder`."""
+    from eve_vlm.model.encoder_vision import load_pretrained_encoder
+    from eve_vlm.train.lora import attach_lora
+
+    folder = make_tiny_checkpoint(tmp_path / "enc", "v2", seed=3, vision="encoder", modality_experts=False)
+    model = EveForCausalLM.from_pretrained(folder)
+    load_pretrained_encoder(model)
+    _, groups = attach_lora(model, LoraSpec(r=2), ["vision", "llm"], [])
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(".projector." in n for n in trained) and any("lora_" in n for n in trained)
+    assert not any(".vision_tower.encoder." in n or ".vision_tower.modules_to_save.default.encoder." in n for n in trained)
+    assert "encoder" not in groups
+    model2 = EveForCausalLM.from_pretrained(folder)
+    _, groups2 = attach_lora(model2, LoraSpec(r=2), ["vision", "llm", "encoder"], [])
+    assert any(".encoder." in n for n, p in model2.named_parameters() if p.requires_grad)

@@ -111,6 +111,8 @@ def attach_lora(
         plain = name.replace(".modules_to_save.default.", ".")  # a trained copy's original name
         if any(fnmatch.fnmatchcase(plain, f) for f in frozen):
             p.requires_grad_(False)
+        elif param_group_of(plain) == "encoder" and "encoder" not in groups:
+            p.requires_grad_(False)  # an encoder-based model's pretrained encoder: saved with the tower, frozen
         elif param_group_of(name) == "aligner" and "aligner" in groups:
             p.requires_grad_(True)
         if not p.requires_grad:
