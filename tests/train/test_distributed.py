@@ -200,14 +200,15 @@ def test_a_1_process_checkpoint_resumes_on_2_processes_at_the_uninterrupted_weig
     assert_same_run(whole, part, 8)
 
 
-@pytest.mark.slow
-def test_a_dead_rank_stops_the_job_within_60_s_naming_it(tmp_path: Path) -> None:
+def _running_job_and_rank1(tmp_path: Path, env: dict[str, str]) -> tuple[subprocess.Popen, Path, Path, int]:
+    """A 2-process FSDP2 job that trains until stopped, once its first step is logged: the
+    launcher, its output folder, its log and rank 1's pid."""
     out = tmp_path / "run"
     cmd = _torchrun_cmd(2, V2, out, "max_steps=100000", "micro_batch_size=4", "global_batch_size=8",
                         "distributed=fsdp")
     log_path = tmp_path / "torchrun.log"
     with open(log_path, "w") as log:  # a pipe nobody reads would fill and block the job
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=log, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=log, start_new_session=True)
     try:
         metrics = out / "metrics.jsonl"
         deadline = time.monotonic() + 240
@@ -216,7 +217,18 @@ def test_a_dead_rank_stops_the_job_within_60_s_naming_it(tmp_path: Path) -> None
             time.sleep(0.05)
         pids = _job_pids(out, rank=1)
         assert len(pids) == 1, f"workers with RANK=1: {pids}"
-        os.kill(pids[0], signal.SIGKILL)
+    except BaseException:
+        _kill_all(out)
+        proc.wait()
+        raise
+    return proc, out, log_path, pids[0]
+
+
+@pytest.mark.slow
+def test_a_dead_rank_stops_the_job_within_60_s_naming_it(tmp_path: Path) -> None:
+    proc, out, log_path, rank1 = _running_job_and_rank1(tmp_path, _env())
+    try:
+        os.kill(rank1, signal.SIGKILL)
         killed = time.monotonic()
         proc.wait(timeout=90)
         elapsed = time.monotonic() - killed
@@ -233,22 +245,9 @@ def test_a_dead_rank_stops_the_job_within_60_s_naming_it(tmp_path: Path) -> None
 def test_a_hung_rank_fails_the_job_after_the_collective_timeout(tmp_path: Path) -> None:
     """A rank that stops without dying (SIGSTOP) is not seen by torchrun; the other rank's next
     collective gives up after EVE_DIST_TIMEOUT_S and the job fails instead of waiting forever."""
-    out = tmp_path / "run"
-    cmd = _torchrun_cmd(2, V2, out, "max_steps=100000", "micro_batch_size=4", "global_batch_size=8",
-                        "distributed=fsdp")
-    log_path = tmp_path / "torchrun.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env={**_env(), "EVE_DIST_TIMEOUT_S": "10"}, stdout=log, stderr=log,
-                                start_new_session=True)
+    proc, out, log_path, rank1 = _running_job_and_rank1(tmp_path, {**_env(), "EVE_DIST_TIMEOUT_S": "10"})
     try:
-        metrics = out / "metrics.jsonl"
-        deadline = time.monotonic() + 240
-        while (not metrics.is_file() or not metrics.read_text().strip()) and time.monotonic() < deadline:
-            assert proc.poll() is None, log_path.read_text()[-4000:]
-            time.sleep(0.05)
-        pids = _job_pids(out, rank=1)
-        assert len(pids) == 1, f"workers with RANK=1: {pids}"
-        os.kill(pids[0], signal.SIGSTOP)
+        os.kill(rank1, signal.SIGSTOP)
         proc.wait(timeout=120)  # 10 s timeout, then torchrun's grace period before it kills the stopped rank
     finally:
         _kill_all(out)
