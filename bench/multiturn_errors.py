@@ -1,20 +1,20 @@
 """Where the quickstart model's multi-turn answers go wrong, and stage 3 retrained with another
 dialogue order.
 
-Why: the quickstart's held-out multi-turn accuracy stays below its single-question accuracy. This
-scores the report's held-out conversations answer by answer (as `evaluate_conversations` does, the
+Why: a chat's later turns are where a VQA model trained on single questions fails. This scores the report's held-out conversations answer by answer (as `evaluate_conversations` does, the
 model's own answers as history) and splits the accuracy by turn and question type, by whether an
 earlier answer already gives the answer away, and by whether an earlier answer was wrong.
 
     python bench/multiturn_errors.py runs/quickstart/final       # about a minute on two cores
 
 `--retrain OUT_DIR` first trains stage 3 alone from a finished quickstart's `2_pretrain/final`
-with the run's seed (with `--order leak-free` this reproduces the run's own stage 3 exactly), with
-the dialogue questions in the shipped leak-free order or in random order skipping any question whose
-answer the earlier ones give away (`--order random-unrevealed`); it prints the single-question
-accuracy too. About 7 minutes on a quiet two-core machine:
+with the run's seed (with the default `--order random`, the shipped one, this reproduces the run's
+own stage 3 exactly), or with the dialogue questions in another order: `leak-free` (one yes/no
+question first, then colour and shape, so that no answer follows from earlier ones) or
+`random-unrevealed` (random, skipping any question whose answer the earlier ones give away); it
+prints the single-question accuracy too. About 7 minutes on a quiet two-core machine:
 
-    python bench/multiturn_errors.py runs/quickstart --retrain /tmp/mt --order random-unrevealed
+    python bench/multiturn_errors.py runs/quickstart --retrain /tmp/mt --order leak-free
 """
 
 from __future__ import annotations
@@ -46,6 +46,16 @@ def subject(q: EasyVQAQuestion) -> tuple[str, str, bool]:
     return attribute, value, (q.answer == "yes") != bool(words & {"not", "no"})
 
 
+def leak_free(questions: list[EasyVQAQuestion], n: int, rng: random.Random) -> list[EasyVQAQuestion]:
+    """Up to `n` questions with no answer given away by earlier ones: one yes/no question first, then
+    colour and shape, further yes/no questions only when those run out."""
+    yes_no = [q for q in questions if q.question_type == "yes_no"]
+    what = [q for q in questions if q.question_type != "yes_no"]
+    rng.shuffle(yes_no)
+    rng.shuffle(what)
+    return (yes_no[:1] + what + yes_no[1:])[:n]
+
+
 def random_unrevealed(questions: list[EasyVQAQuestion], n: int, rng: random.Random) -> list[EasyVQAQuestion]:
     """Up to `n` questions in random order, skipping any whose answer earlier answers give away (best
     of 8 orders: one that reveals both attributes early leaves nothing to ask)."""
@@ -73,8 +83,8 @@ def retrain_stage3(run: Path, out: Path, order: str) -> Path:
     from eve_vlm.quickstart.run import QuickstartConfig, evaluate, stage_recipe, write_data
     from eve_vlm.train import Trainer
 
-    if order == "random-unrevealed":
-        conversations.leak_free_questions = random_unrevealed  # dialogue_records looks it up at call time
+    if order != "random":  # dialogue_records looks it up at call time
+        conversations.dialogue_questions = random_unrevealed if order == "random-unrevealed" else leak_free
     cfg = QuickstartConfig(out=out, fit_budget=False)
     torch.manual_seed(cfg.seed)
     data = write_data(out / "data", cfg)
@@ -150,7 +160,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model", type=Path, help="a model folder, or with --retrain a finished quickstart's --out")
     p.add_argument("--retrain", type=Path, default=None, help="train stage 3 alone into this folder first")
-    p.add_argument("--order", choices=["leak-free", "random-unrevealed"], default="leak-free")
+    p.add_argument("--order", choices=["random", "leak-free", "random-unrevealed"], default="random")
     p.add_argument("--conversations", type=int, default=200, help="held-out conversations of each kind")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
