@@ -248,7 +248,14 @@ def test_a_hung_rank_fails_the_job_after_the_collective_timeout(tmp_path: Path) 
     proc, out, log_path, rank1 = _running_job_and_rank1(tmp_path, {**_env(), "EVE_DIST_TIMEOUT_S": "10"})
     try:
         os.kill(rank1, signal.SIGSTOP)
-        proc.wait(timeout=120)  # 10 s timeout, then torchrun's grace period before it kills the stopped rank
+        deadline = time.monotonic() + 90
+        while "Timed out waiting 10000ms" not in log_path.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None or "Timed out" in log_path.read_text(), log_path.read_text()[-3000:]
+            time.sleep(0.2)
+        # Rank 0 gave up. Waking rank 1 spares torchrun's 30 s grace period for a stopped process:
+        # it then dies of the SIGTERM torchrun sent it, or of its own next collective.
+        os.kill(rank1, signal.SIGCONT)
+        proc.wait(timeout=60)
     finally:
         _kill_all(out)
         proc.wait()
