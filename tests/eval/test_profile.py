@@ -132,6 +132,25 @@ def test_analytic_flops_equal_flop_counter_for_gqa_and_tied_head():
     assert prof.vision_flops + prof.llm_flops == counted["total"]
 
 
+def test_an_encoder_based_models_vision_flops_equal_flop_counter(tmp_path):
+    """`vision: encoder` (EfficientNet-Lite0 + MLP projector): the vision column counts that encoder
+    on the processor's pixels, not an EVE patch embedding; the LLM column is unchanged."""
+    from eve_vlm.testing import make_tiny_checkpoint
+
+    folder = make_tiny_checkpoint(tmp_path / "enc", "v2", seed=0, flavour="training", vision="encoder",
+                                  modality_experts=False)
+    target = load_target(str(folder))
+    assert target.config.vision == "encoder"
+    model = EveForCausalLM.from_pretrained(folder).eval()
+    prof = profile(target, (64, 96), prompt_tokens=3)
+    (w_px, h_px), _, n_visual = visual_geometry(target, 64, 96)
+    counted = _counted(model, torch.tensor([[IMAGE_TOKEN_INDEX, 5, 6, 7]]), images=[torch.randn(3, h_px, w_px)])
+    assert set(prof.breakdown["vision_flops"]) == {"encoder", "projector"}
+    assert prof.vision_flops == counted["vision"]
+    assert prof.llm_flops == counted["total"] - counted["vision"]
+    assert prof.breakdown["vision_flops"]["encoder"] > 10 * prof.breakdown["vision_flops"]["projector"]
+
+
 def test_clip_flops_equal_flop_counter_on_a_tiny_hf_clip():
     from transformers import CLIPVisionConfig, CLIPVisionModel
 

@@ -280,6 +280,22 @@ def eve_vision_macs(config: EveConfig, h: int, w: int) -> dict[str, int]:
     }
 
 
+def encoder_vision_macs(config: EveConfig, w_px: int, h_px: int) -> dict[str, int]:
+    """MACs of an encoder-based model's vision part (`vision: encoder`) for one w_px x h_px image:
+    the pretrained encoder and the MLP projector, as torch's FlopCounterMode counts their forward on
+    the meta device (the encoder is someone else's architecture: EfficientNet's depthwise
+    convolutions or a transformers ViT, so it is counted by running it, not by a formula)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    tower = meta_model(config).model.vision_tower
+    pixels = torch.empty(1, 3, h_px, w_px, device="meta")
+    with FlopCounterMode(display=False) as encoder:
+        feats = tower.encode(pixels)
+    with FlopCounterMode(display=False) as projector:
+        tower.projector(feats)
+    return {"encoder": encoder.get_total_flops() // 2, "projector": projector.get_total_flops() // 2}
+
+
 def clip_vision_macs(spec: ClipVisionSpec, llm_hidden: int) -> dict[str, int]:
     """MACs of a CLIP ViT (every layer runs, as in Hugging Face's CLIPVisionModel) and LLaVA's projector."""
     c, f, g, p = spec.hidden_size, spec.intermediate_size, spec.grid, spec.patch_size
@@ -413,6 +429,9 @@ def profile(
         vision_macs = clip_vision_macs(target.clip, config.hidden_size)
         clip_params = clip_vision_params(target.clip, config.hidden_size)
         vision_params = clip_params["encoder"] + clip_params["projector"]
+    elif config.vision == "encoder":
+        vision_macs = encoder_vision_macs(config, *pixels)
+        vision_params = params["vision"]
     else:
         vision_macs = eve_vision_macs(config, gh, gw)
         vision_params = params["vision"]
