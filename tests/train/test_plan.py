@@ -36,6 +36,13 @@ def test_plan_of_the_released_v2_stage_shards_about_one_nth() -> None:
     assert p8.total(True) < 80
 
 
+def test_a_lora_recipe_is_refused_naming_the_way_to_plan_its_upper_bound() -> None:
+    with pytest.raises(ValueError, match="LoRA adapters.*--set lora=null"):
+        make_plan(Recipe.load("eve_v2/3_sft_lora"), "evev2-7b", 8)
+    full = make_plan(Recipe.load("eve_v2/3_sft_lora", ["lora=null"]), "evev2-7b", 8)
+    assert full.shards.total_trainable > 0
+
+
 def test_memory_sizes_parse() -> None:
     assert parse_memory("80GiB") == 80 and parse_memory("141") == 141
     assert parse_memory("80GB") == pytest.approx(74.5, abs=0.1)

@@ -157,6 +157,10 @@ class Plan:
 
 def make_plan(recipe: Recipe, model: str, gpus: int, *, seq_len: int | None = None, gpu_memory_gib: float = 80.0,
               mfu: float = 0.4, peak_flops: float = H100_BF16_PEAK) -> Plan:
+    if recipe.lora is not None:  # adapters train on one process or under DDP; the trainer refuses FSDP2 for them
+        raise ValueError(
+            f"recipe {recipe.name} trains LoRA adapters, which run on one process or with DDP, while eve plan "
+            "sizes FSDP2 training; add --set lora=null to plan full fine-tuning (an upper bound)")
     config = model_config(model)
     trainable = list(recipe.trainable)
     if config.version == "v2" or recipe.teacher.kind == "none":
