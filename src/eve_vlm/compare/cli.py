@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/compare"), help="output folder")
     p.add_argument("--seed", type=int, default=0, help="seed of the data order, the new layers and training")
     p.add_argument("--full", action="store_true",
-                   help="1/4, 1/2 and all of the training images (~60 min on 2 CPU cores; default: 1/4, ~20 min)")
+                   help="1/4, 1/2 and all of the training images (~45 min on 2 CPU cores; default: 1/4, ~14 min)")
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="models to compare")
     p.set_defaults(func=run)
 
