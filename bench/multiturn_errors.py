@@ -1,7 +1,8 @@
 """Where the quickstart model's multi-turn answers go wrong, and stage 3 retrained with another
 dialogue order.
 
-Why: a chat's later turns are where a VQA model trained on single questions fails. This scores the report's held-out conversations answer by answer (as `evaluate_conversations` does, the
+Why: a chat's later turns are where a VQA model trained on single questions fails. This scores
+the report's held-out conversations answer by answer (as `evaluate_conversations` does, the
 model's own answers as history) and splits the accuracy by turn and question type, by whether an
 earlier answer already gives the answer away, and by whether an earlier answer was wrong.
 

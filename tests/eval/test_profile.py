@@ -143,7 +143,7 @@ def test_an_encoder_based_models_vision_flops_equal_flop_counter(tmp_path):
     assert target.config.vision == "encoder"
     model = EveForCausalLM.from_pretrained(folder).eval()
     prof = profile(target, (64, 96), prompt_tokens=3)
-    (w_px, h_px), _, n_visual = visual_geometry(target, 64, 96)
+    (w_px, h_px), _, _ = visual_geometry(target, 64, 96)
     counted = _counted(model, torch.tensor([[IMAGE_TOKEN_INDEX, 5, 6, 7]]), images=[torch.randn(3, h_px, w_px)])
     assert set(prof.breakdown["vision_flops"]) == {"encoder", "projector"}
     assert prof.vision_flops == counted["vision"]
