@@ -287,7 +287,10 @@ def encoder_vision_macs(config: EveConfig, w_px: int, h_px: int) -> dict[str, in
     convolutions or a transformers ViT, so it is counted by running it, not by a formula)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    tower = meta_model(config).model.vision_tower
+    from ..model.encoder_vision import EncoderVision
+
+    with torch.device("meta"):  # the vision tower alone: the decoder is counted by formula
+        tower = EncoderVision(config)
     pixels = torch.empty(1, 3, h_px, w_px, device="meta")
     with FlopCounterMode(display=False) as encoder:
         feats = tower.encode(pixels)
