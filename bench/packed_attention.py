@@ -1,6 +1,7 @@
 """What a packed row costs: padded rows vs packed rows with a dense mask vs per-document attention.
 
     PYTHONPATH=src python bench/packed_attention.py [--reps 7] [--threads 1] [--versions v2,v1] [--flex]
+                                                    [--copies K] [--device cuda --dtype bf16]
 
 One run on this machine, for an EVEv2 and an EVE v1 mid-size model (hidden 512, 8 layers, 8 heads,
 4 key/value heads; v2 with its vision copies, so routing runs), fp32, of one mixed-aspect-ratio
@@ -9,12 +10,19 @@ multiples of 28) and 64 text tokens each (the last 24 supervised):
 
 (a) padded: four rows, each padded to the longest;
 (b) packed, dense: one row, the block-diagonal [L, L] mask through SDPA (``packed_attention="dense"``);
-(c) packed, document attention: one row, the decoder's default (``auto``: one SDPA per document on CPU).
+(c) packed, document attention: one row, the decoder's default (``auto``: one SDPA per document on
+    CPU, FlexAttention with a document block mask on CUDA; there the per-document SDPA runs too).
+
+``--device cuda --dtype bf16`` runs it as the trainer trains on a GPU: fp32 weights under bf16
+autocast, times taken after a device synchronize.
+
+``--copies K`` puts K such mixes (other random pixels and text) in the batch: 4K padded rows, or
+one packed row K times as long, as the released v2 recipes pack (2048-5000 tokens a row).
 
 For each, a whole train step (the model's training forward: no logits, loss on the targets;
-backward; AdamW), timed as forward + backward and optimizer. Then the attention core alone (SDPA
-or the packed entry point, forward + backward, times the number of layers) of (a), (b), (c)
-against the sum of each sample's own causal attention.
+backward; AdamW as the trainer builds it), timed as forward + backward and optimizer. Then the
+attention core alone (SDPA or the packed entry point, forward + backward, times the number of
+layers) of (a), (b), (c) against the sum of each sample's own causal attention.
 
 Robust on a shared, noisy machine: the variants run interleaved (their order rotates every
 repeat), each figure is the median over --reps, and the ratios are medians of the per-repeat
@@ -29,6 +37,7 @@ where this torch can, backward.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from collections.abc import Callable
@@ -38,11 +47,37 @@ import torch.nn.functional as F
 
 from eve_vlm.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from eve_vlm.model import EveConfig, EveForCausalLM
-from eve_vlm.model.attention import PackedLayout
+from eve_vlm.model.attention import PackedLayout, resolve_backend
 from eve_vlm.model.decoder import build_attention_mask
+from eve_vlm.train.params import build_optimizer
+from eve_vlm.train.recipe import OptimSpec
 
 SIZES = [(448, 448), (224, 672), (672, 224), (320, 480)]
 TEXT, SUPERVISED, BEFORE_IMAGE = 64, 24, 8
+
+
+class Run:
+    """Where and in what precision the bench runs: a device, and an autocast dtype or None (fp32)."""
+
+    def __init__(self, device: str, dtype: str) -> None:
+        self.device = torch.device(device)
+        self.amp = {"fp32": None, "bf16": torch.bfloat16}[dtype]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """What the attention core's q/k/v are in: what autocast makes of the projections."""
+        return self.amp or torch.float32
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext()
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def to(self, batch: dict) -> dict:
+        return {k: [t.to(self.device) for t in v] if isinstance(v, list) else v.to(self.device)
+                for k, v in batch.items()}
 
 
 def build_model(version: str, hidden: int, layers: int) -> EveForCausalLM:
@@ -57,11 +92,12 @@ def build_model(version: str, hidden: int, layers: int) -> EveForCausalLM:
     return EveForCausalLM(cfg).train()
 
 
-def make_samples(stride: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(input_ids, labels, image) per sample; image sides rounded to the model's token stride."""
+def make_samples(stride: int, copies: int = 1) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(input_ids, labels, image) per sample, `copies` times the four sizes; image sides rounded to
+    the model's token stride."""
     g = torch.Generator().manual_seed(0)
     out = []
-    for h, w in SIZES:
+    for h, w in SIZES * copies:
         h, w = max(stride, round(h / stride) * stride), max(stride, round(w / stride) * stride)
         text = torch.randint(3, 1000, (TEXT,), generator=g)
         ids = torch.cat([text[:BEFORE_IMAGE], torch.tensor([IMAGE_TOKEN_INDEX]), text[BEFORE_IMAGE:]])
@@ -88,7 +124,7 @@ def packed_batch(samples) -> dict:
             "images": [s[2] for s in samples]}
 
 
-def interleaved(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, list[float]]:
+def interleaved(fns: dict[str, Callable[[], object]], reps: int, run: Run) -> dict[str, list[float]]:
     """Per callable, its ms in each repeat (after one warm-up each); the order rotates every repeat."""
     for fn in fns.values():
         fn()
@@ -96,8 +132,10 @@ def interleaved(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, li
     times: dict[str, list[float]] = {k: [] for k in names}
     for r in range(reps):
         for k in names[r % len(names):] + names[: r % len(names)]:
+            run.sync()
             t0 = time.perf_counter()
             fns[k]()
+            run.sync()
             times[k].append(1000 * (time.perf_counter() - t0))
     return times
 
@@ -112,88 +150,103 @@ def paired(times: dict[str, list[float]], num: str, den: str) -> float:
 
 
 class StepTimer:
-    """Whole train steps of (a), (b), (c), each timed as forward + backward and the optimizer step."""
+    """Whole train steps of (a), (b), (c), each timed as forward + backward and the optimizer step.
+    Where `auto` is not per-document SDPA (CUDA), (s) runs that too."""
 
-    def __init__(self, model: EveForCausalLM, samples) -> None:
-        self.model = model
-        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
-        self.batches = {"a": ("auto", padded_batch(samples)), "b": ("dense", packed_batch(samples)),
-                        "c": ("auto", packed_batch(samples))}
+    def __init__(self, model: EveForCausalLM, samples, run: Run) -> None:
+        self.model, self.run_on = model.to(run.device), run
+        self.opt = build_optimizer({"all": list(model.parameters())}, OptimSpec(lr=1e-6), run.device)
+        padded, packed = run.to(padded_batch(samples)), run.to(packed_batch(samples))
+        self.batches = {"a": ("auto", padded), "b": ("dense", packed), "c": ("auto", packed)}
+        self.backend = resolve_backend("auto", run.device)
+        if self.backend != "segments":
+            self.batches["s"] = ("segments", packed)
         self.fwd_bwd: dict[str, list[float]] = {k: [] for k in self.batches}
-        with torch.no_grad():
+        with torch.no_grad(), run.autocast():
             model.model.packed_attention = "auto"
-            self.lengths = model(**self.batches["a"][1], return_logits=False).valid.sum(1).tolist()
+            self.lengths = model(**padded, return_logits=False).valid.sum(1).tolist()
 
     def step(self, key: str) -> None:
         backend, batch = self.batches[key]
         self.model.model.packed_attention = backend
         t0 = time.perf_counter()
-        self.model(**batch, return_logits=False).lm_loss_sum.backward()
+        with self.run_on.autocast():
+            loss = self.model(**batch, return_logits=False).lm_loss_sum
+        loss.backward()
+        self.run_on.sync()
         self.fwd_bwd[key].append(1000 * (time.perf_counter() - t0))
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
     def run(self, reps: int) -> dict[str, list[float]]:
-        steps = interleaved({k: (lambda k=k: self.step(k)) for k in self.batches}, reps)
+        steps = interleaved({k: (lambda k=k: self.step(k)) for k in self.batches}, reps, self.run_on)
         for k in self.fwd_bwd:  # drop the warm-up
             self.fwd_bwd[k] = self.fwd_bwd[k][1:]
         return steps
 
 
-def qkv_of(model: EveForCausalLM, b: int, n: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+def qkv_of(model: EveForCausalLM, b: int, n: int, g: torch.Generator, run: Run) -> tuple[torch.Tensor, ...]:
     """Random q, k, v as the decoder makes them: [B, L, heads, hd] memory, viewed [B, heads, L, hd]."""
     c = model.config
 
     def one(heads: int) -> torch.Tensor:
-        return torch.randn(b, n, heads, c.head_dim, generator=g).transpose(1, 2).requires_grad_()
+        x = torch.randn(b, n, heads, c.head_dim, generator=g).to(run.device, run.dtype)
+        return x.transpose(1, 2).requires_grad_()
 
     return one(c.num_attention_heads), one(c.num_key_value_heads), one(c.num_key_value_heads)
 
 
-def attention_fns(model: EveForCausalLM, lengths: list[int]) -> dict[str, Callable[[], None]]:
-    """The attention core alone (forward + backward) x layers, on random q/k/v of the batch's shapes."""
+def segment_ids(lengths: list[int], run: Run) -> torch.Tensor:
+    """[1, sum(lengths)] document ids 1, 2, ... of one packed row."""
+    return torch.repeat_interleave(torch.arange(1, len(lengths) + 1), torch.tensor(lengths))[None].to(run.device)
+
+
+def attention_fns(model: EveForCausalLM, lengths: list[int], run: Run) -> dict[str, Callable[[], None]]:
+    """The attention core alone (forward + backward) x layers, on random q/k/v of the batch's shapes:
+    (c) with the backend `auto` picks here, and (s) per-document SDPA where that is another one."""
     n_layers = model.config.num_hidden_layers
     g = torch.Generator().manual_seed(0)
     total, longest = sum(lengths), max(lengths)
-    valid = torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]
+    valid = (torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]).to(run.device)
     pad_mask, _ = build_attention_mask(valid, None, None)
-    seg = torch.repeat_interleave(torch.arange(1, len(lengths) + 1), torch.tensor(lengths))[None]
+    seg = segment_ids(lengths, run)
     ones = torch.ones_like(seg, dtype=torch.bool)
-    dense = PackedLayout.from_segments(seg, ones, backend="dense")
-    docs = PackedLayout.from_segments(seg, ones, backend="segments")
-    a_in, p_in = qkv_of(model, len(lengths), longest, g), qkv_of(model, 1, total, g)
-    s_in = [qkv_of(model, 1, n, g) for n in lengths]
+    layouts = {"b": "dense", "c": resolve_backend("auto", run.device)}
+    if layouts["c"] != "segments":
+        layouts["s"] = "segments"
+    layouts = {k: PackedLayout.from_segments(seg, ones, backend=b) for k, b in layouts.items()}
+    a_in, p_in = qkv_of(model, len(lengths), longest, g, run), qkv_of(model, 1, total, g, run)
+    s_in = [qkv_of(model, 1, n, g, run) for n in lengths]
 
     def run(fn: Callable[[], torch.Tensor]) -> None:
         for _ in range(n_layers):
-            fn().sum().backward()
+            fn().float().sum().backward()
 
     return {
         "a": lambda: run(lambda: F.scaled_dot_product_attention(*a_in, attn_mask=pad_mask, enable_gqa=True)),
-        "b": lambda: run(lambda: dense.attend(*p_in)),
-        "c": lambda: run(lambda: docs.attend(*p_in)),
+        **{k: (lambda lay=lay: run(lambda: lay.attend(*p_in))) for k, lay in layouts.items()},
         "sum": lambda: [run(lambda x=x: F.scaled_dot_product_attention(*x, is_causal=True, enable_gqa=True))
                         for x in s_in],
     }
 
 
-def flex_fns(model: EveForCausalLM, lengths: list[int]) -> tuple[dict[str, Callable[[], None]], str]:
+def flex_fns(model: EveForCausalLM, lengths: list[int], run_on: Run) -> tuple[dict[str, Callable[[], None]], str]:
     """Compiled FlexAttention (document block mask) x layers, forward + backward where it runs on
     this device, else forward only; next to per-document SDPA doing the same."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     n_layers = model.config.num_hidden_layers
-    seg = torch.repeat_interleave(torch.arange(1, len(lengths) + 1), torch.tensor(lengths))[None]
+    seg = segment_ids(lengths, run_on)
     doc, n = seg[0], seg.shape[1]
     block_mask = create_block_mask(lambda b, h, qi, ki: (doc[qi] == doc[ki]) & (ki <= qi), 1, None, n, n,
-                                   device="cpu")
+                                   device=run_on.device)
     flex = torch.compile(flex_attention, dynamic=False)
     docs = PackedLayout.from_segments(seg, torch.ones_like(seg, dtype=torch.bool), backend="segments")
-    q, k, v = qkv_of(model, 1, n, torch.Generator().manual_seed(0))
+    q, k, v = qkv_of(model, 1, n, torch.Generator().manual_seed(0), run_on)
     mode = "forward + backward"
     try:
         # probed uncompiled: a compiled function that raised once falls back to eager for good
-        flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True).sum().backward()
+        flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True).float().sum().backward()
     except Exception as e:  # noqa: BLE001 - report whatever stops it, then time forward only
         mode = f"forward only ({type(e).__name__}: {str(e).split('.')[0]})"
         q, k, v = (t.detach().clone() for t in (q, k, v))  # not views of grad-requiring tensors
@@ -202,7 +255,7 @@ def flex_fns(model: EveForCausalLM, lengths: list[int]) -> tuple[dict[str, Calla
         for _ in range(n_layers):
             out = fn()
             if mode == "forward + backward":
-                out.sum().backward()
+                out.float().sum().backward()
 
     ctx = torch.enable_grad if mode == "forward + backward" else torch.no_grad
 
@@ -219,36 +272,43 @@ def flex_fns(model: EveForCausalLM, lengths: list[int]) -> tuple[dict[str, Calla
 
 
 def profile_steps(model: EveForCausalLM, timer: StepTimer, top: int) -> None:
-    """Where one train step of (a) and of (c) spends its time: self CPU time per op, top first."""
+    """Where one train step of (a) and of (c) spends its time: self time per op on the device that
+    runs it (CPU, or the GPU's kernels), top first."""
     from torch.profiler import ProfilerActivity, profile
 
+    cuda = timer.run_on.device.type == "cuda"
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    where = "self_device_time_total" if cuda else "self_cpu_time_total"
     for key in ("a", "c"):
         timer.step(key)  # warm
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=activities) as prof:
             timer.step(key)
-        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-        total = sum(e.self_cpu_time_total for e in events) / 1000
-        print(f"profile of one step ({key}), {total:.0f} ms of self CPU time in ops; top {top}:")
+            timer.run_on.sync()
+        events = sorted(prof.key_averages(), key=lambda e: getattr(e, where), reverse=True)
+        total = sum(getattr(e, where) for e in events) / 1000
+        print(f"profile of one step ({key}), {total:.0f} ms of self {'GPU' if cuda else 'CPU'} time in ops; top {top}:")
         for e in events[:top]:
-            print(f"  {e.key:<48} {e.self_cpu_time_total / 1000:8.1f} ms  {e.count:6d} calls")
+            print(f"  {e.key[:48]:<48} {getattr(e, where) / 1000:8.1f} ms  {e.count:6d} calls")
 
 
-def report(version: str, model: EveForCausalLM, args: argparse.Namespace) -> None:
-    samples = make_samples(model.config.token_stride)
-    timer = StepTimer(model, samples)
+def report(version: str, model: EveForCausalLM, args: argparse.Namespace, run: Run) -> None:
+    samples = make_samples(model.config.token_stride, args.copies)
+    timer = StepTimer(model, samples, run)
     lengths = timer.lengths
     steps = timer.run(args.reps)
     fb = timer.fwd_bwd
-    attn = interleaved(attention_fns(model, lengths), args.reps)
+    attn = interleaved(attention_fns(model, lengths, run), args.reps, run)
     waste = 1 - sum(lengths) / (len(lengths) * max(lengths))
     print(f"\n{version}: samples of {lengths} spliced tokens (one packed row of {sum(lengths)}); "
           f"padded rows waste {waste:.0%}; medians of {args.reps} interleaved repeats")
     print(f"| {version} variant | train step ms | of which fwd+bwd ms | attention ms (fwd+bwd, "
           f"{model.config.num_hidden_layers} layers) |")
     print("|---|---|---|---|")
-    names = {"a": "(a) padded rows", "b": "(b) packed, dense mask", "c": "(c) packed, document attention"}
+    names = {"a": "(a) padded rows", "b": "(b) packed, dense mask",
+             "c": f"(c) packed, document attention ({timer.backend})", "s": "(s) packed, per-document SDPA"}
     for k, name in names.items():
-        print(f"| {name} | {median(steps[k]):.0f} | {median(fb[k]):.0f} | {median(attn[k]):.0f} |")
+        if k in steps:
+            print(f"| {name} | {median(steps[k]):.0f} | {median(fb[k]):.0f} | {median(attn[k]):.0f} |")
     print(f"| sum of per-sample attention | | | {median(attn['sum']):.0f} |")
     print(f"{version} train step (c) vs (a): {paired(steps, 'a', 'c'):.2f}x faster, vs (b): "
           f"{paired(steps, 'b', 'c'):.2f}x; fwd+bwd (c) vs (a): {paired(fb, 'a', 'c'):.2f}x, "
@@ -259,13 +319,16 @@ def report(version: str, model: EveForCausalLM, args: argparse.Namespace) -> Non
     print(f"{version} the same as ratios of the medians: step (c) vs (a) "
           f"{median(steps['a']) / median(steps['c']):.2f}x, vs (b) {median(steps['b']) / median(steps['c']):.2f}x; "
           f"attention (c) / per-sample sum {median(attn['c']) / median(attn['sum']):.2f}x", flush=True)
+    if "s" in steps:
+        print(f"{version} train step (c) vs (s): {paired(steps, 's', 'c'):.2f}x faster; attention (s) / "
+              f"per-sample sum: {paired(attn, 's', 'sum'):.2f}x", flush=True)
     if args.profile:
         profile_steps(model, timer, args.profile)
     if args.flex:
         t0 = time.perf_counter()
-        fns, mode = flex_fns(model, lengths)
+        fns, mode = flex_fns(model, lengths, run)
         compile_s = time.perf_counter() - t0
-        fx = interleaved(fns, args.reps)
+        fx = interleaved(fns, args.reps, run)
         print(f"{version} attention core, {mode}, all layers: per-document SDPA {median(fx['segments']):.0f} ms, "
               f"compiled FlexAttention {median(fx['flex']):.0f} ms (flex / segments "
               f"{paired(fx, 'flex', 'segments'):.2f}x; compiled in {compile_s:.0f} s)", flush=True)
@@ -278,6 +341,11 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     ap.add_argument("--versions", default="v2,v1", help="comma-separated: v1, v2")
+    ap.add_argument("--copies", type=int, default=1, metavar="K",
+                    help="K mixes of the four sizes: 4K padded rows or one packed row of 4K samples")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                    help="bf16: fp32 weights under bf16 autocast, as the trainer on a GPU")
     ap.add_argument("--flex", action="store_true", help="also time compiled FlexAttention")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="also print the N ops with the most self CPU time in one step of (a) and of (c)")
@@ -287,12 +355,18 @@ def main() -> None:
         ap.error(f"--versions takes v1 and/or v2, got {args.versions!r}")
     if args.reps < 1:
         ap.error("--reps must be at least 1")
+    if args.copies < 1:
+        ap.error("--copies must be at least 1")
+    run = Run(args.device, args.dtype)
+    if run.device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda, but this torch sees no GPU")
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32; "
+    where = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, {args.dtype}; "
           f"EVE mid-size: hidden {args.hidden}, {args.layers} layers", flush=True)
     for version in versions:
-        report(version, build_model(version, args.hidden, args.layers), args)
+        report(version, build_model(version, args.hidden, args.layers), args, run)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ training stage that learns. Skipped where no GPU is present (CI); run on a GPU m
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -11,8 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eve_vlm import EveForCausalLM
+from eve_vlm import EveConfig, EveForCausalLM
+from eve_vlm.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from eve_vlm.generate import build_prompts, generate
+from eve_vlm.model.attention import resolve_backend
 from eve_vlm.processing import EveProcessor
 from eve_vlm.testing import make_png
 from eve_vlm.train import Recipe, Trainer
@@ -140,3 +143,47 @@ def processor_image(png: bytes):
     from PIL import Image
 
     return Image.open(io.BytesIO(png)).convert("RGB")
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_packed_row_with_flex_attention_on_cuda_equals_cpu(version):
+    """A packed row on the GPU (`auto`: compiled FlexAttention with a document block mask) gives the
+    CPU's per-document logits, loss and gradients (fp32); images of two shapes and a text-only
+    document share the row."""
+    assert resolve_backend("auto", torch.device("cuda")) == "flex"
+    torch.manual_seed(0)
+    cfg = EveConfig(
+        version=version, family="qwen2" if version == "v2" else "llama", vocab_size=97, hidden_size=128,
+        intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vision_hidden_size=32, patch_stride=16 if version == "v2" else 14, merge_stride=2,
+        modality_experts=version == "v2", attention_bias=version == "v2",
+    )
+    s = cfg.token_stride
+    g = torch.Generator().manual_seed(1)
+    ids, segs, images = [], [], []
+    for doc, (n, size) in enumerate([(5, (s, 2 * s)), (7, None), (4, (2 * s, s))], start=1):
+        text = torch.randint(3, 90, (n,), generator=g)
+        if size is not None:
+            text = torch.cat([text[:1], torch.tensor([IMAGE_TOKEN_INDEX]), text[1:]])
+            images.append(torch.randn(3, *size, generator=g))
+        ids.append(text)
+        segs.append(torch.full_like(text, doc))
+    ids, segs = torch.cat(ids)[None], torch.cat(segs)[None]
+    labels = ids.masked_fill(ids < 0, IGNORE_INDEX)
+    labels[segs != segs.roll(1, dims=1)] = IGNORE_INDEX  # a document's first token is never a target
+
+    cpu = EveForCausalLM(cfg).train()
+    gpu = copy.deepcopy(cpu).cuda()
+    outs = []
+    for model, dev in ((cpu, "cpu"), (gpu, "cuda")):
+        images_on = [im.to(dev) for im in images]
+        out = model(ids.to(dev), images=images_on, labels=labels.to(dev), segment_ids=segs.to(dev))
+        out.lm_loss_sum.backward()
+        outs.append(out)
+    torch.testing.assert_close(outs[1].lm_loss_sum.cpu(), outs[0].lm_loss_sum, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[1].logits.cpu(), outs[0].logits, rtol=1e-4, atol=1e-4)
+    for (name, p_cpu), p_gpu in zip(cpu.named_parameters(), gpu.parameters(), strict=True):
+        if p_cpu.grad is not None:
+            torch.testing.assert_close(
+                p_gpu.grad.cpu(), p_cpu.grad, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}"
+            )

@@ -55,7 +55,12 @@ def set_trainable(model: nn.Module, groups: list[str], freeze: list[str] | None 
 
 
 def build_optimizer(groups: dict[str, list[nn.Parameter]], spec: OptimSpec, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW with one parameter group per trainable group, each at its `group_lr` (default `lr`)."""
+    """AdamW with one parameter group per trainable group, each at its `group_lr` (default `lr`).
+
+    Fused on CUDA. On CPU torch's default loop stays, though the fused kernel updates 135M
+    parameters 6x as fast (67 vs 397 ms, two cores): it rounds differently, so every CPU result
+    the docs report would move (one quickstart run with it: 94.1% overall against 96.9%), for a
+    quickstart about 5% shorter."""
     param_groups = [
         {"params": params, "lr": spec.group_lr.get(name, spec.lr), "name": name} for name, params in groups.items()
     ]
