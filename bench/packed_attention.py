@@ -4,7 +4,7 @@
                                                     [--copies K] [--device cuda --dtype bf16]
 
 One run on this machine, for an EVEv2 and an EVE v1 mid-size model (hidden 512, 8 layers, 8 heads,
-4 key/value heads; v2 with its vision copies, so routing runs), fp32, of one mixed-aspect-ratio
+4 key/value heads; v2 with its vision copies, so routing runs), fp32 by default, of one mixed-aspect-ratio
 batch: four samples with 448x448, 224x672, 672x224 and 320x480 images (v1: sides rounded to
 multiples of 28) and 64 text tokens each (the last 24 supervised):
 
