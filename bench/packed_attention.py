@@ -154,7 +154,7 @@ class StepTimer:
     Where `auto` is not per-document SDPA (CUDA), (s) runs that too."""
 
     def __init__(self, model: EveForCausalLM, samples, run: Run) -> None:
-        self.model, self.run_on = model.to(run.device), run
+        self.model, self.where = model.to(run.device), run
         self.opt = build_optimizer({"all": list(model.parameters())}, OptimSpec(lr=1e-6), run.device)
         padded, packed = run.to(padded_batch(samples)), run.to(packed_batch(samples))
         self.batches = {"a": ("auto", padded), "b": ("dense", packed), "c": ("auto", packed)}
@@ -170,16 +170,16 @@ class StepTimer:
         backend, batch = self.batches[key]
         self.model.model.packed_attention = backend
         t0 = time.perf_counter()
-        with self.run_on.autocast():
+        with self.where.autocast():
             loss = self.model(**batch, return_logits=False).lm_loss_sum
         loss.backward()
-        self.run_on.sync()
+        self.where.sync()
         self.fwd_bwd[key].append(1000 * (time.perf_counter() - t0))
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
     def run(self, reps: int) -> dict[str, list[float]]:
-        steps = interleaved({k: (lambda k=k: self.step(k)) for k in self.batches}, reps, self.run_on)
+        steps = interleaved({k: (lambda k=k: self.step(k)) for k in self.batches}, reps, self.where)
         for k in self.fwd_bwd:  # drop the warm-up
             self.fwd_bwd[k] = self.fwd_bwd[k][1:]
         return steps
@@ -218,31 +218,31 @@ def attention_fns(model: EveForCausalLM, lengths: list[int], run: Run) -> dict[s
     a_in, p_in = qkv_of(model, len(lengths), longest, g, run), qkv_of(model, 1, total, g, run)
     s_in = [qkv_of(model, 1, n, g, run) for n in lengths]
 
-    def run(fn: Callable[[], torch.Tensor]) -> None:
+    def every_layer(fn: Callable[[], torch.Tensor]) -> None:
         for _ in range(n_layers):
             fn().float().sum().backward()
 
     return {
-        "a": lambda: run(lambda: F.scaled_dot_product_attention(*a_in, attn_mask=pad_mask, enable_gqa=True)),
-        **{k: (lambda lay=lay: run(lambda: lay.attend(*p_in))) for k, lay in layouts.items()},
-        "sum": lambda: [run(lambda x=x: F.scaled_dot_product_attention(*x, is_causal=True, enable_gqa=True))
+        "a": lambda: every_layer(lambda: F.scaled_dot_product_attention(*a_in, attn_mask=pad_mask, enable_gqa=True)),
+        **{k: (lambda lay=lay: every_layer(lambda: lay.attend(*p_in))) for k, lay in layouts.items()},
+        "sum": lambda: [every_layer(lambda x=x: F.scaled_dot_product_attention(*x, is_causal=True, enable_gqa=True))
                         for x in s_in],
     }
 
 
-def flex_fns(model: EveForCausalLM, lengths: list[int], run_on: Run) -> tuple[dict[str, Callable[[], None]], str]:
+def flex_fns(model: EveForCausalLM, lengths: list[int], run: Run) -> tuple[dict[str, Callable[[], None]], str]:
     """Compiled FlexAttention (document block mask) x layers, forward + backward where it runs on
     this device, else forward only; next to per-document SDPA doing the same."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     n_layers = model.config.num_hidden_layers
-    seg = segment_ids(lengths, run_on)
+    seg = segment_ids(lengths, run)
     doc, n = seg[0], seg.shape[1]
     block_mask = create_block_mask(lambda b, h, qi, ki: (doc[qi] == doc[ki]) & (ki <= qi), 1, None, n, n,
-                                   device=run_on.device)
+                                   device=run.device)
     flex = torch.compile(flex_attention, dynamic=False)
     docs = PackedLayout.from_segments(seg, torch.ones_like(seg, dtype=torch.bool), backend="segments")
-    q, k, v = qkv_of(model, 1, n, torch.Generator().manual_seed(0), run_on)
+    q, k, v = qkv_of(model, 1, n, torch.Generator().manual_seed(0), run)
     mode = "forward + backward"
     try:
         # probed uncompiled: a compiled function that raised once falls back to eager for good
@@ -251,7 +251,7 @@ def flex_fns(model: EveForCausalLM, lengths: list[int], run_on: Run) -> tuple[di
         mode = f"forward only ({type(e).__name__}: {str(e).split('.')[0]})"
         q, k, v = (t.detach().clone() for t in (q, k, v))  # not views of grad-requiring tensors
 
-    def run(fn: Callable[[], torch.Tensor]) -> None:
+    def every_layer(fn: Callable[[], torch.Tensor]) -> None:
         for _ in range(n_layers):
             out = fn()
             if mode == "forward + backward":
@@ -265,10 +265,10 @@ def flex_fns(model: EveForCausalLM, lengths: list[int], run_on: Run) -> tuple[di
                 fn()
         return call
 
-    under(lambda: run(lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=True)))()  # compile for this mode
+    under(lambda: every_layer(lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=True)))()  # compile for this mode
 
-    return {"segments": under(lambda: run(lambda: docs.attend(q, k, v))),
-            "flex": under(lambda: run(lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=True)))}, mode
+    return {"segments": under(lambda: every_layer(lambda: docs.attend(q, k, v))),
+            "flex": under(lambda: every_layer(lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=True)))}, mode
 
 
 def profile_steps(model: EveForCausalLM, timer: StepTimer, top: int) -> None:
@@ -276,14 +276,14 @@ def profile_steps(model: EveForCausalLM, timer: StepTimer, top: int) -> None:
     runs it (CPU, or the GPU's kernels), top first."""
     from torch.profiler import ProfilerActivity, profile
 
-    cuda = timer.run_on.device.type == "cuda"
+    cuda = timer.where.device.type == "cuda"
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
     where = "self_device_time_total" if cuda else "self_cpu_time_total"
     for key in ("a", "c"):
         timer.step(key)  # warm
         with profile(activities=activities) as prof:
             timer.step(key)
-            timer.run_on.sync()
+            timer.where.sync()
         events = sorted(prof.key_averages(), key=lambda e: getattr(e, where), reverse=True)
         total = sum(getattr(e, where) for e in events) / 1000
         print(f"profile of one step ({key}), {total:.0f} ms of self {'GPU' if cuda else 'CPU'} time in ops; top {top}:")

@@ -252,8 +252,9 @@ def test_a_hung_rank_fails_the_job_after_the_collective_timeout(tmp_path: Path) 
         while ("Timed out waiting 10000ms" not in log_path.read_text() and proc.poll() is None
                and time.monotonic() < deadline):
             time.sleep(0.2)
-        # Rank 0 gave up (or the job ended otherwise: the assertions below say so). Waking rank 1 spares torchrun's 30 s grace period for a stopped process:
-        # it then dies of the SIGTERM torchrun sent it, or of its own next collective.
+        # Rank 0 gave up (or the job ended otherwise: the assertions below say so). Waking rank 1
+        # spares torchrun's 30 s grace period for a stopped process: it then dies of the SIGTERM
+        # torchrun sent it, or of its own next collective.
         os.kill(rank1, signal.SIGCONT)
         proc.wait(timeout=60)
     finally:
